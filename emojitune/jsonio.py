@@ -1,0 +1,53 @@
+"""Reading and atomically writing the JSON files of the checkpoint directory."""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a crash or Ctrl+C leaves the old file or the new one, never half of one."""
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, missing_hint: str = ""):
+    """Read a JSON file we wrote ourselves; a missing or damaged file is a UserError naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found{': ' + missing_hint if missing_hint else ''}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fix = missing_hint or "delete it and run the step that writes it again"
+        raise UserError(f"{path} is damaged ({e}): {fix}") from None
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
