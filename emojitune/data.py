@@ -307,7 +307,7 @@ def format_counts(counts: Counter, columns: dict[str, Counter] | None = None) ->
 
 def records_from_json(path: Path, hint: str) -> list[Record]:
     """Read a messages file this tool wrote (prepared/train/val), as Records."""
-    from .jsonio import read_json
+    from .files import read_json
 
     data = read_json(path, hint)
     if not isinstance(data, list):
@@ -346,7 +346,7 @@ def refuse_data_change(cp, new_files: dict[Path, bytes], overwrite: bool, step: 
 def prepare(input_path: Path, cp, system: str | None = None, labels: str | None = None,
             overwrite: bool = False, log=print, warn=None) -> list[Record]:
     """01: read, validate and normalise the user's file; write DIR/data/prepared.json."""
-    from .jsonio import write_bytes
+    from .files import write_bytes
 
     warn = warn or log
     wanted = parse_labels(labels) if labels is not None else None

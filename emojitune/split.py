@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .data import Record, encode_records, format_counts, label_counts, records_from_json, refuse_data_change
 from .errors import UserError
-from .jsonio import sha256_file, write_bytes, write_json
+from .files import sha256_file, write_bytes, write_json
 
 
 def val_count(n: int, test_size: float) -> int:

@@ -1,4 +1,4 @@
-"""Reading and atomically writing the JSON files of the checkpoint directory."""
+"""Files of the checkpoint directory: atomic writes of JSON, bytes and whole folders; hashes."""
 
 import hashlib
 import json
@@ -51,3 +51,28 @@ def sha256_file(path: Path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place, replacing an older one; readers never see half a folder."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def remove(path: Path) -> None:
+    import shutil
+
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

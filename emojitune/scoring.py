@@ -1,0 +1,143 @@
+"""Teacher-forced scoring of answers: the training loss, val loss + exact-match accuracy, label odds.
+
+The greedy answer equals the label exactly when, at every answer position (the closing end-of-turn
+included), the argmax of the logits is the label's next token. So one forward pass over prompt + label
+gives both the loss and the accuracy, with no generate loop.
+"""
+
+from dataclasses import dataclass
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """Token ids of prompt + answer; `targets` aligns with positions: targets[t] is the token position t
+    must predict when it is an answer token, IGNORE elsewhere (prompt positions carry no loss)."""
+    input_ids: list[int]
+    targets: list[int]
+
+    @classmethod
+    def build(cls, prompt: list[int], answer: list[int]) -> "Example":
+        ids = prompt + answer
+        return cls(ids, [IGNORE] * (len(prompt) - 1) + answer + [IGNORE])
+
+
+def encode(lm, records) -> list[Example]:
+    from .generation import answer_ids, prompt_ids
+
+    return [Example.build(prompt_ids(lm.tokenizer, r.system, r.user),
+                          answer_ids(lm.tokenizer, r.label, lm.end_of_turn_id)) for r in records]
+
+
+def collate(examples: list[Example], pad_id: int, device):
+    """Right-padded batch tensors: input_ids, attention_mask, targets."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        targets[i, :n] = torch.tensor(e.targets)
+    return ids.to(device), mask.to(device), targets.to(device)
+
+
+def answer_logits(causal_lm, input_ids, attention_mask, targets, full_logits: bool = False):
+    """Logits at the answer positions only, shape (n_answer_tokens, vocab), in float32.
+
+    The output layer of Gemma 3 is the 262k-token embedding: projecting every prompt position is most
+    of a training step's work. We run the decoder, gather the few hidden states that carry loss, and
+    project only those. `full_logits=True` projects every position first (the plain way), for checks.
+    """
+    import torch
+
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state
+    keep = targets != IGNORE
+    head = causal_lm.get_output_embeddings()
+    logits = head(hidden)[keep] if full_logits else head(hidden[keep])
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def token_losses(causal_lm, input_ids, attention_mask, targets, full_logits: bool = False):
+    """Per-answer-token cross-entropy and argmax correctness, plus the batch row of each token."""
+    import torch.nn.functional as F
+
+    logits = answer_logits(causal_lm, input_ids, attention_mask, targets, full_logits)
+    keep = targets != IGNORE
+    wanted = targets[keep]
+    rows = keep.nonzero()[:, 0]
+    return F.cross_entropy(logits, wanted, reduction="none"), logits.argmax(-1) == wanted, rows
+
+
+@dataclass
+class Scores:
+    loss: list[float]  # summed answer-token loss per example
+    tokens: list[int]  # answer tokens per example
+    exact: list[bool]  # greedy answer == label
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.loss) / max(1, sum(self.tokens))
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.exact) / max(1, len(self.exact))
+
+
+def causal_lm_of(model):
+    """The transformers causal LM inside a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score(lm_model, examples: list[Example], pad_id: int, device, batch_size: int = 16) -> Scores:
+    """Teacher-forced loss and exact match per example, in batches sorted by length (little padding)."""
+    import torch
+
+    causal_lm = causal_lm_of(lm_model)
+    was_training = lm_model.training
+    lm_model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    loss, tokens, exact = [0.0] * len(examples), [0] * len(examples), [False] * len(examples)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate([examples[i] for i in idx], pad_id, device)
+            tok_loss, correct, rows = token_losses(causal_lm, *batch)
+            n = len(idx)
+            row_loss = torch.zeros(n, device=tok_loss.device).index_add_(0, rows, tok_loss)
+            row_tokens = torch.zeros(n, device=tok_loss.device).index_add_(0, rows, torch.ones_like(tok_loss))
+            row_wrong = torch.zeros(n, device=tok_loss.device).index_add_(0, rows, (~correct).float())
+            for j, i in enumerate(idx):
+                loss[i], tokens[i] = row_loss[j].item(), int(row_tokens[j].item())
+                exact[i] = bool(row_wrong[j].item() == 0)
+    lm_model.train(was_training)
+    return Scores(loss, tokens, exact)
+
+
+def label_probabilities(lm, system: str | None, user: str, labels: list[str]) -> list[tuple[str, float]]:
+    """The model's own probability of each label as its whole answer (label + end of turn), normalised
+    over the label set; highest first. Used by 06 --labels-only / --top."""
+    import math
+
+    from .generation import answer_ids, prompt_ids
+
+    prompt = prompt_ids(lm.tokenizer, system, user)
+    examples = [Example.build(prompt, answer_ids(lm.tokenizer, label, lm.end_of_turn_id)) for label in labels]
+    scores = score(lm.model, examples, pad_id(lm.tokenizer), lm.device, batch_size=32)
+    logp = [-x for x in scores.loss]
+    top = max(logp)
+    weights = [math.exp(x - top) for x in logp]
+    total = sum(weights)
+    return sorted(((label, w / total) for label, w in zip(labels, weights)), key=lambda x: -x[1])
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,99 @@
+"""A tiny, random-weight model of the real Gemma 3 text architecture, with a Gemma-like tokenizer,
+built locally (no hub access) and saved like a downloaded model, so tests load it by path.
+
+    uv run python tests/tiny_gemma.py /tmp/tiny-gemma    # build one to try the scripts by hand
+"""
+
+import json
+import sys
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+# Gemma 3's chat format: the system message is folded into the first user turn, the assistant
+# speaks as "model", and every turn ends with <end_of_turn>.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def _corpus() -> list[str]:
+    """Text to learn BPE merges from: the shipped tweets and labels, so that emojis and common
+    Japanese become single tokens as in the real tokenizer. Any other text still encodes, byte by byte."""
+    shipped = Path(__file__).resolve().parent.parent / "training_data_emotion_jp.json"
+    lines = ["user", "model", "\n\n", "このツイートを絵文字で感情分類してください"]
+    if shipped.exists():
+        for record in json.loads(shipped.read_text(encoding="utf-8")):
+            lines += [m["content"] for m in record["messages"]]
+    return lines
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    # Like Gemma's tokenizer, plain encoding adds <bos>; the chat template writes its own <bos>.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_gemma(path, seed: int = 0, layers: int = 2) -> Path:
+    """Save a tiny Gemma3ForCausalLM + tokenizer + generation_config to path; return path."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    tokenizer = build_tokenizer(path)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = AutoConfig.for_model(
+        "gemma3_text",
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+        sliding_window=16, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Gemma's own generation_config samples by default: our tools must ask for greedy explicitly.
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+        do_sample=True, top_k=64, top_p=0.95,
+    )
+    model.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":
+    out = build_tiny_gemma(sys.argv[1] if len(sys.argv) > 1 else "tiny-gemma")
+    print(f"wrote a tiny Gemma 3 model to {out}")
