@@ -69,13 +69,33 @@ def generation_config(lm, sampling: Sampling):
 
 def generate(lm, system: str | None, user: str, sampling: Sampling = Sampling(), streamer=None) -> str:
     """Answer one tweet as a fresh conversation; the decoded answer, stripped, on one line."""
+    return generate_batch(lm, system, [user], sampling, streamer=streamer)[0]
+
+
+def generate_batch(lm, system: str | None, users: list[str], sampling: Sampling = Sampling(),
+                   batch_size: int = 8, streamer=None) -> list[str]:
+    """Answer many tweets, each as its own fresh conversation. Prompts are batched by length and
+    left-padded (the attention mask hides the padding), so a batch of one is plain generation."""
     import torch
 
-    ids = torch.tensor([prompt_ids(lm.tokenizer, system, user)], device=lm.device)
-    with torch.no_grad():
-        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                generation_config=generation_config(lm, sampling), streamer=streamer)
-    return decode_answer(lm.tokenizer, out[0, ids.shape[1]:])
+    prompts = [prompt_ids(lm.tokenizer, system, u) for u in users]
+    config = generation_config(lm, sampling)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        with torch.no_grad():
+            out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                    generation_config=config, streamer=streamer)
+        for row, i in enumerate(idx):
+            answers[i] = decode_answer(lm.tokenizer, out[row, width:])
+    return answers
 
 
 def decode_answer(tokenizer, new_ids) -> str:

@@ -99,8 +99,15 @@ def end_of_turn_token(tokenizer) -> int:
 def load_model(model_id: str, device: str = "auto", *, adapter: Path | None = None, lora=None,
                training: bool = False) -> LoadedModel:
     """Load a base model and tokenizer, optionally with a saved LoRA adapter or a new LoRA (`lora`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import warnings
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # Library deprecation chatter and notes about generation flags we override are not the user's
+    # business; real errors still raise.
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     check_model_source(model_id)
     device = resolve_device(device)
     dtype = resolve_dtype(device)

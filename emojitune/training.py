@@ -11,12 +11,13 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import DEFAULT_MODEL
 from .errors import UserError
 from .files import read_json, remove, replace_dir, sha256_file, write_json
+from .runs import best_epoch, common_system_prompt
 
 
 @dataclass
@@ -175,12 +176,6 @@ def _encode_all(lm, records, path: Path, max_length: int):
     return examples
 
 
-def _system_prompt(records) -> str | None:
-    from collections import Counter
-
-    return Counter(r.system for r in records).most_common(1)[0][0]
-
-
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -193,11 +188,6 @@ def _versions() -> dict:
             pass
     out["python"] = sys.version.split()[0]
     return out
-
-
-def best_epoch(epochs: list[dict]) -> int:
-    """The epoch with the lowest validation loss (the earliest on a tie)."""
-    return min(epochs, key=lambda e: (e["val_loss"], e["epoch"]))["epoch"]
 
 
 def advice(epochs: list[dict], cp) -> str:
@@ -424,7 +414,7 @@ class _Trainer:
             "dtype": str(lm.dtype).replace("torch.", ""),
             "processes": self.acc.num_processes,
             "global_batch_size": self.s.batch_size * self.acc.num_processes,
-            "system_prompt": _system_prompt(self.train_records),
+            "system_prompt": common_system_prompt(self.train_records),
             "data": {**self.data_hashes, "train_size": len(self.train_records), "val_size": len(self.val_records)},
             "versions": _versions(),
             "finished": finished,
@@ -434,7 +424,3 @@ class _Trainer:
         if best is not None:
             info["best_epoch"] = best
         write_json(self.cp.run_info, info)
-
-
-def settings_fields() -> list[str]:
-    return [f.name for f in fields(TrainSettings)]

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+EMBED_STD = 0.3
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 # Gemma 3's chat format: the system message is folded into the first user turn, the assistant
@@ -85,6 +86,10 @@ def build_tiny_gemma(path, seed: int = 0, layers: int = 2) -> Path:
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # A trained model's (tied) embeddings are large enough for confident predictions; the default
+    # init (std 0.02) caps a 64-wide model's logits near 1, which LoRA on the linear layers cannot lift.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, EMBED_STD)
     # Gemma's own generation_config samples by default: our tools must ask for greedy explicitly.
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],

@@ -1,0 +1,44 @@
+"""Step 6: ask the tuned model (or the base model) for the emoji of one tweet at a time.
+
+Every input is sent as a fresh conversation (system prompt + that tweet only, no history).
+
+    uv run 06_test_finetuned_single.py                      # interactive, tuned adapter
+    uv run 06_test_finetuned_single.py --base               # the base model, same system prompt
+    echo 今日は最高の一日だった | uv run 06_test_finetuned_single.py      # one answer line per input line
+    uv run 06_test_finetuned_single.py --labels-only --top 3 < tweets.txt
+"""
+
+import argparse
+
+from emojitune.cli import add_checkpoint_dir, add_device, add_generation, add_model, checkpoint_dir
+from emojitune.errors import run_main
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_dir(p)
+    add_model(p, default=None, help_extra=" (default: the base model in checkpoints/run.json)")
+    add_device(p)
+    p.add_argument("--checkpoint", default="last",
+                   help="which adapter: last (checkpoints/adapter), best (lowest val loss) or epoch-N (default: last)")
+    p.add_argument("--base", action="store_true", help="test the base model without any adapter")
+    p.add_argument("--system", default=None,
+                   help="system prompt sent with every input (default: the one the adapter was trained with; "
+                        "'' sends none)")
+    p.add_argument("--labels-only", action="store_true",
+                   help="answer only with a label seen in training, the one the model finds most likely")
+    p.add_argument("--top", type=int, default=0, metavar="K",
+                   help="print the K most likely trained labels with probabilities (implies --labels-only)")
+    add_generation(p)
+    args = p.parse_args()
+
+    from emojitune.generation import Sampling
+    from emojitune.tester import run_tester
+
+    run_tester(checkpoint_dir(args), checkpoint=args.checkpoint, base=args.base, model=args.model,
+               system=args.system, device=args.device, sampling=Sampling.from_args(args),
+               labels_only=args.labels_only, top=args.top)
+
+
+if __name__ == "__main__":
+    run_main(main)
