@@ -1,0 +1,91 @@
+"""05: answer a set of tweets with the base model (and, with --compare, the tuned adapter) and score it."""
+
+from pathlib import Path
+
+from .emoji import is_single_emoji
+from .errors import UserError
+from .files import write_json
+from .runs import base_model, resolve_checkpoint, system_prompt, train_records
+
+
+def summarize(answers: list[str], expected: list[str], labels: set[str]) -> dict:
+    """Accuracy (answer == label, exact string), share that is exactly one emoji, share in the labels."""
+    n = len(answers)
+    correct = sum(a == e for a, e in zip(answers, expected))
+    one = sum(is_single_emoji(a) for a in answers)
+    known = sum(a in labels for a in answers)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+            "one_emoji": one, "one_emoji_share": one / n if n else 0.0,
+            "trained_label": known, "trained_label_share": known / n if n else 0.0}
+
+
+def format_summary(name: str, s: dict) -> str:
+    return (f"{name}: accuracy {s['accuracy']:.2f} ({s['correct']}/{s['n']})  "
+            f"one emoji {s['one_emoji_share']:.2f} ({s['one_emoji']}/{s['n']})  "
+            f"trained label {s['trained_label_share']:.2f} ({s['trained_label']}/{s['n']})")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def evaluate(cp, *, input_path: Path | None = None, limit: int | None = None, compare: bool = False,
+             model: str | None = None, checkpoint: str = "last", system: str | None = None,
+             device: str = "auto", sampling=None, log=print) -> dict:
+    from .data import load_records, records_from_json
+    from .generation import Sampling, generate_batch
+    from .modeling import check_model_source, load_model, resolve_device
+
+    sampling = sampling or Sampling()
+    sampling.check()
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit} must be 1 or more")
+    if input_path is None:
+        if not cp.val.exists():
+            raise UserError(f"{cp.val} not found: run 02_split_data.py first, or pass --input FILE")
+        records = records_from_json(cp.val, "run 02_split_data.py again")
+        input_path = cp.val
+    else:
+        records = load_records(input_path)
+    records = records[:limit] if limit else records
+    adapter = resolve_checkpoint(cp, checkpoint) if compare else None
+    model_id, model_from = base_model(cp, model)
+    check_model_source(model_id)
+    resolve_device(device)
+    system, system_from = system_prompt(cp, system)
+    trained = train_records(cp)
+    labels = {r.label for r in (trained or records)}
+    labels_from = str(cp.train) if trained else f"{input_path} (no {cp.train} yet)"
+
+    tweets, expected = [r.user for r in records], [r.label for r in records]
+    log(f"{len(records)} tweets from {input_path}; system prompt ({system_from}): {system or '(none)'}")
+    log(f"trained labels from {labels_from}: {len(labels)}")
+    runs = {"base": (model_id, None)}
+    if compare:
+        runs["tuned"] = (model_id, adapter)
+    answers = {}
+    for name, (mid, adp) in runs.items():
+        lm = load_model(mid, device, adapter=adp)
+        log(f"{name}: {mid}{' + ' + str(adp) if adp else ''} ({model_from}) on {lm.device}")
+        answers[name] = generate_batch(lm, system, tweets, sampling)
+        del lm
+    summaries = {name: summarize(a, expected, labels) for name, a in answers.items()}
+    results = []
+    for i, (tweet, exp) in enumerate(zip(tweets, expected)):
+        row = {"tweet": tweet, "expected": exp}
+        cells = []
+        for name in runs:
+            a = answers[name][i]
+            row[name] = a
+            row[f"{name}_correct"] = a == exp
+            cells.append(f"{name} {_clip(a, 16) or '(empty)'} {'✓' if a == exp else '✗'}")
+        results.append(row)
+        log(f"{i + 1:>3}. {_clip(tweet, 30)}  expected {exp}  " + "  ".join(cells))
+    for name, s in summaries.items():
+        log(format_summary(name, s))
+    out = cp.eval_compare if compare else cp.eval_base
+    write_json(out, {"base_model": model_id, "adapter": str(adapter) if adapter else None,
+                     "system_prompt": system, "input": str(input_path), "max_new_tokens": sampling.max_new_tokens,
+                     "summary": summaries, "results": results})
+    log(f"wrote {out}")
+    return {"summary": summaries, "results": results}

@@ -1,0 +1,190 @@
+"""01_prepare_data.py and 02_split_data.py: contracts, bad input, determinism, the shipped dataset."""
+
+import json
+from collections import Counter
+
+import pytest
+from conftest import DATASET, SYSTEM, assert_user_error, load_json, run_script, write_messages
+
+from emojitune.emoji import is_single_emoji
+
+LABELS = "😀 😁 😆 🥹 😅 🤣 😍 😋 🤪 🤩 🥳 ☹️ 😩 🥺 😭 😤 🤯 😨 🤗 🤔 🤭 🫠 😴 🤤 🤮".split()
+
+
+def test_shipped_dataset_shape():
+    records = load_json(DATASET)
+    assert len(records) == 250
+    roles = {tuple(m["role"] for m in r["messages"]) for r in records}
+    assert roles == {("system", "user", "assistant")}
+    assert {r["messages"][0]["content"] for r in records} == {SYSTEM}
+    counts = Counter(r["messages"][2]["content"] for r in records)
+    assert counts == {label: 10 for label in LABELS}
+    assert "\u2639\ufe0f" in counts  # ☹️ is two code points, kept exactly
+    tweets = [r["messages"][1]["content"] for r in records]
+    assert len(set(tweets)) == 250
+    assert all(8 <= len(t) <= 40 for t in tweets)
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("😀", True), ("☹️", True), ("☹", True), ("👍🏽", True), ("👨‍👩‍👧", True), ("🇯🇵", True), ("1️⃣", True),
+    ("😀😀", False), ("happy", False), ("😀!", False), ("", False), ("😀 😭", False),
+])
+def test_single_emoji(text, ok):
+    assert is_single_emoji(text) is ok
+
+
+def test_prepare_and_split_shipped(tmp_path):
+    r = run_script("01_prepare_data.py", "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "total" in r.stdout and "250" in r.stdout
+    prepared = load_json(tmp_path / "data/prepared.json")
+    assert len(prepared) == 250
+    r = run_script("02_split_data.py", "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    train, val = load_json(tmp_path / "data/train.json"), load_json(tmp_path / "data/val.json")
+    assert (len(train), len(val)) == (200, 50)
+    assert Counter(x["messages"][-1]["content"] for x in val) == {label: 2 for label in LABELS}
+    assert Counter(x["messages"][-1]["content"] for x in train) == {label: 8 for label in LABELS}
+    info = load_json(tmp_path / "data/split.json")
+    assert info["seed"] == 42 and info["test_size"] == 0.2 and len(info["prepared_sha256"]) == 64
+    assert info["labels"]["☹️"] == {"train": 8, "val": 2}
+    # The same input and seed give byte-identical files; another seed gives another split.
+    before = {n: (tmp_path / "data" / n).read_bytes() for n in ("train.json", "val.json", "split.json")}
+    assert run_script("02_split_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+    assert before == {n: (tmp_path / "data" / n).read_bytes() for n in before}
+    assert run_script("02_split_data.py", "--checkpoint-dir", tmp_path, "--seed", 7).returncode == 0
+    assert (tmp_path / "data/val.json").read_bytes() != before["val.json"]
+    text = (tmp_path / "data/val.json").read_text(encoding="utf-8")
+    assert "😀" in text and "\\u" not in text  # UTF-8 as is, not escaped
+
+
+def test_split_keeps_every_label_in_validation(tmp_path):
+    from emojitune.data import Record
+    from emojitune.split import stratified_split
+
+    records = [Record(SYSTEM, f"tweet {label} {i}", label) for label, n in (("😀", 2), ("😭", 3), ("🤣", 17))
+               for i in range(n)]
+    for seed in range(5):
+        train, val = stratified_split(records, 0.2, seed)
+        assert Counter(r.label for r in val) == {"😀": 1, "😭": 1, "🤣": 3}
+        assert len(train) + len(val) == len(records)
+        assert not {r.user for r in train} & {r.user for r in val}
+
+
+def test_formats_csv_tsv_jsonl(tmp_path):
+    (tmp_path / "a.csv").write_text('text,emoji\n"今日は最高, 本当に",😀\n泣いた,😭\n', encoding="utf-8")
+    (tmp_path / "a.tsv").write_text("tweet\tlabel\n今日は最高\t😀\n泣いた\t😭\n", encoding="utf-8")
+    rows = [{"messages": [{"role": "user", "content": "今日は最高"}, {"role": "assistant", "content": "😀"}]},
+            {"messages": [{"role": "user", "content": "泣いた"}, {"role": "assistant", "content": "😭"}]}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
+                                      encoding="utf-8")
+    for name in ("a.csv", "a.tsv", "a.jsonl"):
+        out = tmp_path / name.replace(".", "_")
+        r = run_script("01_prepare_data.py", "--input", tmp_path / name, "--checkpoint-dir", out)
+        assert r.returncode == 0, r.stderr
+        prepared = load_json(out / "data/prepared.json")
+        assert [x["messages"][-1]["content"] for x in prepared] == ["😀", "😭"]
+    csv_records = load_json(tmp_path / "a_csv/data/prepared.json")
+    assert csv_records[0]["messages"] == [{"role": "system", "content": SYSTEM},
+                                          {"role": "user", "content": "今日は最高, 本当に"},
+                                          {"role": "assistant", "content": "😀"}]
+    # JSONL records had no system prompt and keep none unless --system adds one.
+    assert [m["role"] for m in load_json(tmp_path / "a_jsonl/data/prepared.json")[0]["messages"]] == \
+        ["user", "assistant"]
+
+
+def test_system_labels_and_duplicates(tmp_path):
+    src = write_messages(tmp_path / "in.json", [("楽しい一日", "😀"), ("泣ける話", "😭"), ("楽しい一日", "😭"),
+                                                 ("怖い夢", "😨"), ("笑った", "🤣"), ("泣いた", "😭")])
+    r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path, "--system", "絵文字で",
+                   "--labels", "😀,😭")
+    assert r.returncode == 0, r.stderr
+    assert "repeats the tweet of record 1" in r.stderr and "dropped" in r.stderr
+    prepared = load_json(tmp_path / "data/prepared.json")
+    assert [(x["messages"][1]["content"], x["messages"][2]["content"]) for x in prepared] == \
+        [("楽しい一日", "😀"), ("泣ける話", "😭"), ("泣いた", "😭")]
+    assert {x["messages"][0]["content"] for x in prepared} == {"絵文字で"}
+    assert "has 1 example" in r.stderr  # 😀 is left with one example
+
+
+BAD_CASES = {
+    "broken_json": ('[{"messages": [', "not valid JSON at line 1"),
+    "not_list": ('{"a": 1}', "not a list"),
+    "no_messages": ('[{"text_x": "a"}]', 'record 1 (index 0): has no "messages"'),
+    "unknown_role": ('[{"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "😀"}]}]',
+                     "unknown role 'bot'"),
+    "out_of_order": ('[{"messages": [{"role": "assistant", "content": "😀"}, {"role": "user", "content": "x"}]}]',
+                     "expected system (optional) → user → assistant"),
+    "empty_tweet": ('[{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "😀"}]}]',
+                    "the tweet is empty or only whitespace"),
+    "missing_answer": ('[{"messages": [{"role": "user", "content": "x"}]}]', "missing the assistant answer"),
+    "not_emoji": ('[{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "happy"}]}]',
+                  "'happy' is not an emoji"),
+    "two_emojis": ('[{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "😀😀"}]}]',
+                   "is more than one emoji"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_records_refused_and_nothing_written(tmp_path, case):
+    text, message = BAD_CASES[case]
+    assert run_script("01_prepare_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+    prepared = tmp_path / "data/prepared.json"
+    before = prepared.read_bytes()
+    bad = tmp_path / "bad.json"
+    bad.write_text(text, encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", bad, "--checkpoint-dir", tmp_path)
+    assert_user_error(r, str(bad), message)
+    assert prepared.read_bytes() == before
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    good = {"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "😀"}]}
+    records = [good, {"messages": [{"role": "user", "content": "x"}]}, good,
+               {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "no"}]}]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records), encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", bad, "--checkpoint-dir", tmp_path)
+    assert_user_error(r, "3 problem(s)", "record 2 (index 1)", "record 4 (index 3)", "nothing was written")
+    assert not (tmp_path / "data/prepared.json").exists()
+
+
+def test_file_level_errors(tmp_path):
+    r = run_script("01_prepare_data.py", "--input", tmp_path / "nope.json", "--checkpoint-dir", tmp_path)
+    assert_user_error(r, "nope.json", "file not found")
+    sjis = tmp_path / "sjis.csv"
+    sjis.write_bytes("text,emoji\n今日は最高,😀\n".encode("utf-8").replace("今".encode(), "今".encode("shift_jis")))
+    assert_user_error(run_script("01_prepare_data.py", "--input", sjis, "--checkpoint-dir", tmp_path),
+                      "sjis.csv", "not UTF-8", "save the file as UTF-8")
+    header = tmp_path / "h.csv"
+    header.write_text("foo,bar\na,😀\n", encoding="utf-8")
+    assert_user_error(run_script("01_prepare_data.py", "--input", header, "--checkpoint-dir", tmp_path),
+                      "h.csv", "needs a text column")
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"text": "a", "emoji": "😀"}\n{"text": \n', encoding="utf-8")
+    assert_user_error(run_script("01_prepare_data.py", "--input", jsonl, "--checkpoint-dir", tmp_path),
+                      "x.jsonl", "line 2: not valid JSON")
+    assert not (tmp_path / "data").exists()
+
+
+def test_labels_flag_errors(tmp_path):
+    r = run_script("01_prepare_data.py", "--labels", "😀,🦄", "--checkpoint-dir", tmp_path)
+    assert_user_error(r, "--labels", "🦄", "not found")
+    r = run_script("01_prepare_data.py", "--labels", "☹", "--checkpoint-dir", tmp_path)
+    assert_user_error(r, "did you mean ☹️")
+    r = run_script("01_prepare_data.py", "--labels", "happy", "--checkpoint-dir", tmp_path)
+    assert_user_error(r, "--labels", "not a single emoji")
+
+
+def test_split_errors(tmp_path):
+    assert_user_error(run_script("02_split_data.py", "--checkpoint-dir", tmp_path), "run 01_prepare_data.py first")
+    assert run_script("01_prepare_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+    for size in ("0", "1", "1.5", "-0.1"):
+        assert_user_error(run_script("02_split_data.py", "--test-size", size, "--checkpoint-dir", tmp_path),
+                          "--test-size", "between 0 and 1")
+    assert not (tmp_path / "data/train.json").exists()
+    src = write_messages(tmp_path / "one.json", [("a", "😀"), ("b", "😀"), ("c", "😭")])
+    r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path / "one")
+    assert r.returncode == 0 and "😭 has 1 example" in r.stderr
+    assert_user_error(run_script("02_split_data.py", "--checkpoint-dir", tmp_path / "one"),
+                      "😭", "single example", "--labels")

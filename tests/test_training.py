@@ -1,0 +1,165 @@
+"""03_train_model.py and 04_plot_loss.py on the tiny model."""
+
+import math
+
+import pytest
+from conftest import ROOT, assert_user_error, load_json, run_script, write_messages
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("two-epochs")
+    assert run_script("01_prepare_data.py", "--checkpoint-dir", d).returncode == 0
+    assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
+    r = run_script("03_train_model.py", "--model", tiny_model, "--epochs", 2, "--checkpoint-dir", d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d, r
+
+
+def test_two_epoch_run_writes_its_files(two_epochs, tiny_model):
+    d, r = two_epochs
+    assert "epoch 1/2  train" in r.stdout and "epoch 2/2  train" in r.stdout
+    metrics = load_json(d / "metrics.json")
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    for e in metrics["epochs"]:
+        assert all(math.isfinite(e[k]) for k in ("train_loss", "val_loss", "val_accuracy"))
+        assert 0 <= e["val_accuracy"] <= 1 and e["val_total"] == 50
+    lowest = min(metrics["epochs"], key=lambda e: e["val_loss"])["epoch"]
+    assert metrics["best_epoch"] == lowest
+    assert sorted(p.name for p in d.iterdir()) == ["adapter", "data", "epochs", "metrics.json", "resume.pt",
+                                                   "run.json"]
+    assert sorted(p.name for p in (d / "epochs").iterdir()) == ["epoch-1", "epoch-2"]
+    for folder in (d / "adapter", d / "epochs/epoch-1", d / "epochs/epoch-2"):
+        names = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+        assert not any(n.endswith(".bin") for n in names)
+    run = load_json(d / "run.json")
+    assert run["base_model"] == str(tiny_model) and run["finished"] is True
+    assert run["settings"]["lora_r"] == 16 and run["settings"]["lr"] == 5e-5 and run["dtype"] == "float32"
+    assert len(run["data"]["train_sha256"]) == 64 and run["versions"]["transformers"]
+
+
+def test_adapters_load_with_plain_peft_and_only_lora_changed(two_epochs, tiny_model):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    d, _ = two_epochs
+    original = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    for folder in ("epochs/epoch-1", "epochs/epoch-2", "adapter"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), d / folder)
+        state = model.state_dict()
+        lora_b = [v for k, v in state.items() if "lora_B" in k]
+        assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: trained if non-zero
+        for k, v in state.items():
+            if "lora_" not in k:
+                plain = k.replace("base_model.model.", "").replace(".base_layer", "")
+                assert torch.equal(v, original[plain]), k
+    last = load_json(d / "epochs/epoch-2/adapter_config.json")
+    assert last["r"] == 16 and last["lora_alpha"] == 32
+
+
+def test_train_before_split_names_the_step(tmp_path, tiny_model):
+    r = run_script("03_train_model.py", "--model", tiny_model, "--checkpoint-dir", tmp_path)
+    assert_user_error(r, "run 02_split_data.py first")
+
+
+def test_bad_flags_fail_fast(tmp_path, tiny_model):
+    assert run_script("01_prepare_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+    assert run_script("02_split_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+    assert_user_error(run_script("03_train_model.py", "--model", tmp_path / "nope", "--checkpoint-dir", tmp_path),
+                      "--model", "no such folder")
+    assert_user_error(run_script("03_train_model.py", "--model", tmp_path / "data", "--checkpoint-dir", tmp_path),
+                      "no config.json")
+    assert_user_error(run_script("03_train_model.py", "--epochs", 0, "--lora-dropout", 1.5,
+                                 "--checkpoint-dir", tmp_path), "--epochs 0", "--lora-dropout 1.5")
+    assert_user_error(run_script("03_train_model.py", "--model", "google/gemma-3-270m-it",
+                                 "--checkpoint-dir", tmp_path, env={"HF_HUB_OFFLINE": "1"}),
+                      "google/gemma-3-270m-it", "not in the local Hugging Face cache", "--model PATH")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert_user_error(run_script("03_train_model.py", "--model", tiny_model, "--device", "cuda",
+                                     "--checkpoint-dir", tmp_path), "--device cuda", "--device cpu")
+    assert not (tmp_path / "run.json").exists()
+
+
+def test_no_silent_overwrite(two_epochs, tiny_model):
+    d, _ = two_epochs
+    before = (d / "metrics.json").read_bytes()
+    assert_user_error(run_script("03_train_model.py", "--model", tiny_model, "--checkpoint-dir", d),
+                      "already holds a trained adapter", "--overwrite", "--checkpoint-dir")
+    assert_user_error(run_script("01_prepare_data.py", "--labels", "😀,😭", "--checkpoint-dir", d),
+                      "would change", "--overwrite")
+    assert_user_error(run_script("02_split_data.py", "--seed", 1, "--checkpoint-dir", d), "would change")
+    # Re-running with the same data changes nothing and is allowed.
+    assert run_script("01_prepare_data.py", "--checkpoint-dir", d).returncode == 0
+    assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
+    assert (d / "metrics.json").read_bytes() == before
+
+
+def test_resume_reaches_the_same_metrics(tmp_path, tiny_model):
+    src = load_json(ROOT / "training_data_emotion_jp.json")[:40]  # 4 labels x 10
+    rows = [(r["messages"][1]["content"], r["messages"][2]["content"]) for r in src]
+    data = write_messages(tmp_path / "small.json", rows)
+    common = ("--model", tiny_model, "--batch-size", 4, "--lr", "3e-3")
+    for name in ("straight", "resumed"):
+        d = tmp_path / name
+        assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
+        assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
+    r = run_script("03_train_model.py", *common, "--epochs", 3, "--checkpoint-dir", tmp_path / "straight")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("03_train_model.py", *common, "--epochs", 2, "--checkpoint-dir", tmp_path / "resumed")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("03_train_model.py", "--resume", "--epochs", 3, "--checkpoint-dir", tmp_path / "resumed")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming after epoch 2 of 3" in r.stdout
+    a, b = load_json(tmp_path / "straight/metrics.json"), load_json(tmp_path / "resumed/metrics.json")
+    keys = ("epoch", "train_loss", "val_loss", "val_accuracy")
+    assert [{k: e[k] for k in keys} for e in a["epochs"]] == [{k: e[k] for k in keys} for e in b["epochs"]]
+    assert (tmp_path / "straight/adapter/adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "resumed/adapter/adapter_model.safetensors").read_bytes()
+    bad = run_script("03_train_model.py", "--resume", "--lr", "1e-4", "--epochs", 4,
+                     "--checkpoint-dir", tmp_path / "resumed")
+    assert_user_error(bad, "--lr", "run used")
+
+
+def test_fast_and_plain_loss_give_the_same_training_curve(tmp_path, tiny_model, monkeypatch):
+    from emojitune import scoring
+    from emojitune.data import prepare
+    from emojitune.paths import CheckpointDir
+    from emojitune.split import split
+    from emojitune.training import TrainSettings, train
+
+    src = load_json(ROOT / "training_data_emotion_jp.json")[:30]
+    data = write_messages(tmp_path / "s.json", [(r["messages"][1]["content"], r["messages"][2]["content"])
+                                                for r in src])
+    results = {}
+    plain = scoring.token_losses
+    for name, full in (("fast", False), ("plain", True)):
+        cp = CheckpointDir(tmp_path / name)
+        prepare(data, cp, log=lambda *a: None)
+        split(cp, log=lambda *a: None)
+        monkeypatch.setattr(scoring, "token_losses",
+                            lambda m, i, a, t, full_logits=False, _f=full: plain(m, i, a, t, full_logits=_f))
+        settings = TrainSettings(model=str(tiny_model), epochs=2, batch_size=4, lr=3e-3, device="cpu")
+        results[name] = train(cp, settings, log=lambda *a: None)["epochs"]
+    for fast, full in zip(results["fast"], results["plain"]):
+        for k in ("train_loss", "val_loss"):
+            assert fast[k] == pytest.approx(full[k], abs=1e-5)
+
+
+def test_plot_from_hand_made_metrics(tmp_path):
+    from emojitune.files import write_json
+
+    write_json(tmp_path / "metrics.json", {"epochs": [
+        {"epoch": 1, "train_loss": 2.0, "val_loss": 1.22, "val_accuracy": 0.3},
+        {"epoch": 2, "train_loss": 1.1, "val_loss": 1.24, "val_accuracy": 0.4},
+        {"epoch": 3, "train_loss": 0.4, "val_loss": 1.71, "val_accuracy": 0.38}], "best_epoch": 1})
+    r = run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert "← best" in r.stdout and "1.7100" in r.stdout
+    assert_user_error(run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path / "empty"),
+                      "metrics.json not found", "run 03_train_model.py first")
