@@ -1,0 +1,125 @@
+"""06_test_finetuned_single.py and 05_test_base.py on the learned tiny model."""
+
+import pytest
+from conftest import LEARN_LABELS, SYSTEM, assert_user_error, load_json, run_script
+
+TWEETS = ["今日は朝から最高の気分！", "腹筋崩壊した、息できないｗｗｗ", "夜道で足音がついてくる、怖い"]
+
+
+def plain_greedy(model_dir, adapter, tweets, system=SYSTEM):
+    """What a user would write with plain transformers + PEFT: fresh chat, greedy, decoded answer."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    out = []
+    for t in tweets:
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": t}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        gen = model.generate(**ids, do_sample=False, max_new_tokens=16)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+def test_learned_the_training_tweets(learned_run):
+    """Template, loss mask, LoRA, saving, loading and generation agree: the tiny model learns 4 labels."""
+    train = load_json(learned_run / "data/train.json")
+    tweets = [r["messages"][1]["content"] for r in train]
+    r = run_script("06_test_finetuned_single.py", "--checkpoint-dir", learned_run, input="\n".join(tweets) + "\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    answers = r.stdout.splitlines()
+    assert len(answers) == len(tweets)
+    right = sum(a == rec["messages"][2]["content"] for a, rec in zip(answers, train))
+    assert right / len(train) >= 0.9, (right, len(train))
+
+
+def test_piped_answers_are_history_free_and_match_plain_peft(learned_run, tiny_model):
+    piped = "\n".join(TWEETS[:2]) + "\n\n" + TWEETS[2] + "\n"  # the empty line is skipped
+    tuned = run_script("06_test_finetuned_single.py", "--checkpoint-dir", learned_run, input=piped)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    lines = tuned.stdout.splitlines()
+    assert len(lines) == 3
+    alone = run_script("06_test_finetuned_single.py", "--checkpoint-dir", learned_run, input=TWEETS[2] + "\n")
+    assert alone.stdout.splitlines() == [lines[2]]
+    assert lines == plain_greedy(tiny_model, learned_run / "adapter", TWEETS)
+
+    base = run_script("06_test_finetuned_single.py", "--base", "--checkpoint-dir", learned_run, input=piped)
+    assert base.returncode == 0, base.stderr[-2000:]
+    assert "no adapter" in base.stderr
+    base_lines = base.stdout.splitlines()
+    assert len(base_lines) == 3
+    assert base_lines == plain_greedy(tiny_model, None, TWEETS)
+    assert base_lines != lines
+
+
+def test_labels_only_and_top(learned_run):
+    labels = set(LEARN_LABELS.split(","))
+    tweets = ["全然関係ない天気の話", "ラーメンうまい", "明日は雨らしい"]
+    r = run_script("06_test_finetuned_single.py", "--labels-only", "--base", "--checkpoint-dir", learned_run,
+                   input="\n".join(tweets))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.splitlines()) == 3 and set(r.stdout.split()) <= labels
+    r = run_script("06_test_finetuned_single.py", "--top", 2, "--checkpoint-dir", learned_run,
+                   input=TWEETS[0] + "\n")
+    [line] = r.stdout.splitlines()
+    first, p1, second, p2 = line.split()
+    assert {first, second} <= labels and first != second and 1 >= float(p1) >= float(p2) >= 0
+
+
+def test_checkpoint_choice_and_missing_adapter(learned_run, tmp_path):
+    best = load_json(learned_run / "metrics.json")["best_epoch"]
+    r = run_script("06_test_finetuned_single.py", "--checkpoint", "best", "--checkpoint-dir", learned_run,
+                   input=TWEETS[0])
+    assert r.returncode == 0 and f"epoch-{best}" in r.stderr
+    assert_user_error(run_script("06_test_finetuned_single.py", "--checkpoint", "epoch-99",
+                                 "--checkpoint-dir", learned_run, input="x"), "epoch-99", "not found")
+    assert_user_error(run_script("06_test_finetuned_single.py", "--checkpoint-dir", tmp_path, input="x"),
+                      "adapter not found", "run 03_train_model.py first, or use --base")
+
+
+def test_teacher_forced_accuracy_agrees_with_greedy_generation(learned_run):
+    """03's one-pass accuracy: argmax at every answer position == the greedy answer equals the label."""
+    from emojitune.data import records_from_json
+    from emojitune.generation import generate
+    from emojitune.modeling import load_model
+    from emojitune.runs import base_model
+    from emojitune.paths import CheckpointDir
+    from emojitune.scoring import encode, pad_id, score
+
+    cp = CheckpointDir(learned_run)
+    lm = load_model(base_model(cp, None)[0], "cpu", adapter=cp.adapter)
+    records = records_from_json(cp.val, "") + records_from_json(cp.train, "")
+    scores = score(lm.model, encode(lm, records), pad_id(lm.tokenizer), lm.device)
+    greedy = [generate(lm, r.system, r.user) == r.label for r in records]
+    assert scores.exact == greedy
+    assert sum(greedy) >= len(records) // 2  # a real check: most answers are right, not all trivially wrong
+
+
+def test_summary_numbers_on_a_hand_made_case():
+    from emojitune.evaluation import summarize
+
+    s = summarize(["😀", "😭", "Happy!", "🥺", "😀😀"], ["😀", "😨", "😀", "🥺", "😀"], {"😀", "😨", "😭"})
+    assert (s["n"], s["correct"], s["one_emoji"], s["trained_label"]) == (5, 2, 3, 2)
+    assert s["accuracy"] == pytest.approx(0.4) and s["one_emoji_share"] == pytest.approx(0.6)
+
+
+def test_test_base_and_compare(learned_run):
+    r = run_script("05_test_base.py", "--checkpoint-dir", learned_run, "--limit", 4)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "base: accuracy" in r.stdout
+    saved = load_json(learned_run / "eval_base.json")
+    assert len(saved["results"]) == 4 and saved["adapter"] is None
+    r = run_script("05_test_base.py", "--checkpoint-dir", learned_run, "--compare")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = load_json(learned_run / "eval_compare.json")
+    for name in ("base", "tuned"):
+        rows = saved["results"]
+        assert saved["summary"][name]["correct"] == sum(x[f"{name}_correct"] for x in rows)
+        assert f"{name}: accuracy" in r.stdout
+    # The tuned answers equal 03's teacher-forced accuracy on the same val tweets at the last epoch.
+    last = load_json(learned_run / "metrics.json")["epochs"][-1]
+    assert saved["summary"]["tuned"]["correct"] == last["val_correct"]
