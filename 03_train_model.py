@@ -39,8 +39,10 @@ def main():
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --checkpoint-dir")
     args = p.parse_args()
 
+    from emojitune.launch import ensure_requested_processes
     from emojitune.training import train
 
+    ensure_requested_processes(__file__)
     tunable = ["epochs", "lr", "batch_size", "lora_r", "lora_alpha", "lora_dropout", "max_length", "seed",
                "weight_decay"]
     explicit = {k for k in tunable if getattr(args, k) is not None}

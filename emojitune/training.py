@@ -238,7 +238,7 @@ class _Trainer:
         s, cp = self.s, self.cp
         device = resolve_device(s.device)
         self.acc = acc = Accelerator(cpu=device == "cpu")
-        if acc.num_processes > 1:
+        if acc.device.type == "cuda":  # under accelerate launch each process has its own GPU
             device = str(acc.device)
         state = None
         if self.previous is not None:
