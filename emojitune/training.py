@@ -104,6 +104,44 @@ class AnswerLoss:
         return _AnswerLoss(peft_model)
 
 
+def pad_id_of(lm) -> int:
+    from .scoring import pad_id
+
+    return pad_id(lm.tokenizer)
+
+
+class TrainStep:
+    """One optimizer step on one global batch, shared by 03 and the benchmark."""
+
+    def __init__(self, acc, module, optimizer, scheduler, examples, pad: int, max_grad_norm: float):
+        self.acc, self.module, self.optimizer, self.scheduler = acc, module, optimizer, scheduler
+        self.examples, self.pad, self.max_grad_norm = examples, pad, max_grad_norm
+        self.answer_len = [sum(t != -100 for t in e.targets) for e in examples]
+
+    def __call__(self, batch: list[int]):
+        """Train on the global batch; return this process's summed loss (a tensor, no host sync) and
+        its answer-token count."""
+        from .scoring import collate
+
+        acc = self.acc
+        world = acc.num_processes
+        mine, weight = batch[acc.process_index::world], 1.0
+        if not mine:  # a short last batch: this process joins the step with a zero-weight example
+            mine, weight = batch[:1], 0.0
+        tokens = sum(self.answer_len[i] for i in batch)  # over the global batch: known on every process
+        ids, mask, targets = collate([self.examples[i] for i in mine], self.pad, acc.device)
+        summed = self.module(ids, mask, targets)
+        # DDP averages gradients over processes; scaling by world / global tokens makes the step the
+        # mean over all answer tokens of the global batch, as in a single process.
+        acc.backward(summed * (weight * world / tokens))
+        if self.max_grad_norm:
+            acc.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return summed.detach() * weight, (sum(self.answer_len[i] for i in mine) if weight else 0)
+
+
 @contextlib.contextmanager
 def deferred_interrupt():
     """Hold Ctrl+C until the block ends, so an epoch's files are never half written."""
@@ -329,49 +367,33 @@ class _Trainer:
         import torch
         from tqdm.auto import tqdm
 
-        from .scoring import collate, pad_id
-
         acc, s = self.acc, self.s
-        world, rank = acc.num_processes, acc.process_index
-        batches = epoch_batches([len(e.input_ids) for e in examples], s.batch_size * world, s.seed, epoch)
-        answer_len = [sum(t != -100 for t in e.targets) for e in examples]
+        batches = epoch_batches([len(e.input_ids) for e in examples], s.batch_size * acc.num_processes,
+                                s.seed, epoch)
+        step = TrainStep(acc, module, optimizer, scheduler, examples, pad_id_of(self.lm), s.max_grad_norm)
         module.train()
         loss_sum = torch.zeros((), device=acc.device)
         token_sum = 0
         start = time.time()
         bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", unit="step", leave=False,
                    disable=not acc.is_main_process, file=sys.stderr)
-        for step, batch in enumerate(bar):
-            mine = batch[rank::world]
-            weight = 1.0
-            if not mine:  # a short last batch: this process joins the step with a zero-weight example
-                mine, weight = batch[:1], 0.0
-            tokens = sum(answer_len[i] for i in batch)  # over the global batch: known on every process
-            ids, mask, targets = collate([examples[i] for i in mine], pad_id(self.lm.tokenizer), acc.device)
-            summed = module(ids, mask, targets)
-            # DDP averages gradients over processes; scaling by world / global tokens makes the step the
-            # mean over all answer tokens of the global batch, as in a single process.
-            acc.backward(summed * (weight * world / tokens))
-            if s.max_grad_norm:
-                acc.clip_grad_norm_(module.parameters(), s.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += summed.detach() * weight
-            token_sum += sum(answer_len[i] for i in mine) if weight else 0
-            if step % 10 == 9 and acc.is_main_process:
+        for i, batch in enumerate(bar):
+            summed, tokens = step(batch)
+            loss_sum += summed
+            token_sum += tokens
+            if i % 10 == 9 and acc.is_main_process:  # a host sync every 10 steps, not every step
                 bar.set_postfix(loss=f"{loss_sum.item() / max(token_sum, 1):.4f}", refresh=False)
         bar.close()
         totals = torch.tensor([loss_sum.item(), float(token_sum)], device=acc.device)
-        totals = acc.reduce(totals, reduction="sum") if world > 1 else totals
+        totals = acc.reduce(totals, reduction="sum") if acc.num_processes > 1 else totals
         return {"epoch": epoch, "train_loss": totals[0].item() / totals[1].item(),
                 "seconds": time.time() - start}
 
     def _evaluate(self, val_ex) -> dict:
-        from .scoring import pad_id, score
+        from .scoring import score
 
         start = time.time()
-        scores = score(self.lm.model, val_ex, pad_id(self.lm.tokenizer), self.lm.device)
+        scores = score(self.lm.model, val_ex, pad_id_of(self.lm), self.lm.device)
         return {"val_loss": scores.mean_loss, "val_accuracy": scores.accuracy,
                 "val_correct": sum(scores.exact), "val_total": len(scores.exact),
                 "eval_seconds": time.time() - start}

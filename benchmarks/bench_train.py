@@ -1,0 +1,325 @@
+"""Speed of training, evaluation and answering on the real Gemma-3-270M shape (random weights, no hub).
+
+    uv run benchmarks/bench_train.py                    # in-process table (~5 min on 2 CPU cores)
+    uv run benchmarks/bench_train.py --whole-process    # also time whole 03 runs vs the original recipe
+
+Speed depends on shapes, not weight values, so a random-weight model of the exact shape gives the real
+model's timings (not its losses). The tokenizer is a small byte-level BPE whose prompts for the shipped
+tweets average ~50 tokens with 2-3 answer tokens, as the real Gemma tokenizer's do.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+# google/gemma-3-270m config.json on the Hugging Face hub (the values are also listed in
+# shared/PERF_NOTES.md): 268.1M parameters, 167.8M of them in the tied 262,144-token embedding.
+GEMMA_3_270M = dict(
+    vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+    sliding_window=512, layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                     for i in range(18)],
+    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+    rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=32_768,
+    tie_word_embeddings=True, attn_logit_softcapping=None, final_logit_softcapping=None,
+)
+BENCH_TOKENIZER_VOCAB = 400  # gives ~50-token prompts on the shipped tweets, like Gemma's tokenizer
+LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def build_model(path: Path) -> Path:
+    import torch
+    from tiny_gemma import SPECIAL_TOKENS, build_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if (path / "config.json").exists():
+        return path
+    tok = build_tokenizer(path, vocab_size=BENCH_TOKENIZER_VOCAB)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = AutoConfig.for_model("gemma3_text", **GEMMA_3_270M, pad_token_id=ids["<pad>"],
+                                  bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
+                                               eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]])
+    model.save_pretrained(path)
+    return path
+
+
+# ---- measurement helpers -------------------------------------------------------------------------
+
+def reset_peak_rss() -> None:
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024 ** 2
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def matmul_peak_gflops(device) -> float:
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(3):
+            (a @ b).sum().item()
+        best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def useful_gflop(lengths: list[int], answers: list[int], cfg=GEMMA_3_270M, r: int = 16) -> float:
+    """FLOPs a LoRA training step must do for these samples: decoder forward + input gradients (frozen
+    weights need no weight gradients), attention, LoRA (with its weight gradients), and the output
+    layer at the answer positions only. Padding and recomputation are not useful work."""
+    d, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    linear = L * sum(i * o for i, o in shapes)
+    lora = L * sum(r * (i + o) for i, o in shapes)
+    total = 0.0
+    for t, a in zip(lengths, answers):
+        total += 4 * linear * t + 6 * lora * t + L * 12 * t * t * q + 4 * cfg["vocab_size"] * d * a
+    return total / 1e9
+
+
+# ---- the measured pieces ---------------------------------------------------------------------------
+
+def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkpointing=False):
+    import torch
+    from accelerate import Accelerator
+    from peft import LoraConfig
+
+    from emojitune.modeling import load_model
+    from emojitune.scoring import encode
+    from emojitune.training import AnswerLoss, TrainStep, epoch_batches, pad_id_of
+
+    torch.manual_seed(42)
+    lm = load_model(str(model_path), "cpu" if not torch.cuda.is_available() else "cuda",
+                    lora=LoraConfig(lora_dropout=dropout, **LORA), training=True)
+    if gradient_checkpointing:
+        lm.model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    acc = Accelerator(cpu=lm.device == "cpu")
+    examples = encode(lm, records)
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, fused=lm.device.startswith("cuda"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    module = acc.prepare(AnswerLoss.module(lm.model))
+    step = TrainStep(acc, module, opt, sched, examples, pad_id_of(lm), 1.0)
+    batches = epoch_batches([len(e.input_ids) for e in examples], batch_size, 42, 1)
+    step(batches[0])  # warm-up: first-call allocations are not the steady state
+    todo, n, lengths, answers = [], 0, [], []
+    for b in batches[1:]:
+        if n >= samples:
+            break
+        todo.append(b)
+        n += len(b)
+    reset_peak_rss()
+    sync(lm.device)
+    start = time.perf_counter()
+    for b in todo:
+        loss, _ = step(b)
+    loss.item()
+    sync(lm.device)
+    seconds = time.perf_counter() - start
+    for b in todo:
+        lengths += [len(examples[i].input_ids) for i in b]
+        answers += [step.answer_len[i] for i in b]
+    return seconds / n, useful_gflop(lengths, answers) / n, peak_memory(lm.device)
+
+
+def time_trl(model_path, train_path, samples):
+    import torch
+
+    from original_recipe import build_trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build_trainer(str(model_path), train_path, None, Path(out), max_steps=samples + 1)
+        times = []
+
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                times.append(time.perf_counter())
+
+            def on_train_end(self, args, state, control, **kw):
+                times.append(time.perf_counter())
+
+        trainer.add_callback(Clock())
+        reset_peak_rss()
+        trainer.train()
+        dataset = trainer.train_dataset
+        lengths = [len(x) for x in dataset["input_ids"][: samples + 1]]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # times[1] is the start of step 2: the first step is warm-up, as for ours
+    return (times[-1] - times[1]) / samples, lengths, peak_memory(device)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        gb = torch.cuda.max_memory_allocated() / 1024 ** 3
+        torch.cuda.reset_peak_memory_stats()
+        return gb
+    return peak_rss_gb()
+
+
+def time_eval_and_answer(model_path, train_records, val_records):
+    import torch
+
+    from emojitune.generation import generate
+    from emojitune.modeling import load_model
+    from emojitune.scoring import encode, label_probabilities, pad_id, score
+
+    lm = load_model(str(model_path), "cuda" if torch.cuda.is_available() else "cpu")
+    val = encode(lm, val_records)
+    score(lm.model, val[:4], pad_id(lm.tokenizer), lm.device)  # warm-up
+    start = time.perf_counter()
+    score(lm.model, val, pad_id(lm.tokenizer), lm.device)
+    sync(lm.device)
+    eval_s = time.perf_counter() - start
+    tweet = val_records[0]
+    generate(lm, tweet.system, tweet.user)
+    answer = []
+    for r in val_records[1:6]:
+        start = time.perf_counter()
+        generate(lm, r.system, r.user)
+        answer.append(time.perf_counter() - start)
+    labels = list(dict.fromkeys(r.label for r in train_records))
+    top = []
+    for r in val_records[1:4]:
+        start = time.perf_counter()
+        label_probabilities(lm, r.system, r.user, labels)
+        top.append(time.perf_counter() - start)
+    return eval_s, statistics.median(answer), statistics.median(top), len(val), len(labels)
+
+
+def whole_process(model_path, train_records, val_records, tmp: Path) -> list[tuple[str, float]]:
+    """Whole processes (imports, load, train 1 epoch, evaluate, save) on the same 48 training tweets."""
+    from emojitune.data import encode_records
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    runs = [("original recipe (TRL), whole process", [sys.executable, str(ROOT / "benchmarks/original_recipe.py")]),
+            ("03_train_model.py default, whole process", [sys.executable, str(ROOT / "03_train_model.py")]),
+            ("03_train_model.py --batch-size 16, whole process",
+             [sys.executable, str(ROOT / "03_train_model.py"), "--batch-size", "16"])]
+    out = []
+    for i, (name, cmd) in enumerate(runs):
+        d = tmp / f"whole-{i}"
+        (d / "data").mkdir(parents=True)
+        (d / "data/train.json").write_bytes(encode_records(train_records[:48]))
+        (d / "data/val.json").write_bytes(encode_records(val_records[:12]))
+        start = time.perf_counter()
+        subprocess.run(cmd + ["--model", str(model_path), "--epochs", "1", "--checkpoint-dir", str(d)],
+                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out.append((name, time.perf_counter() - start))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "emojitune-bench-gemma-3-270m",
+                   help="where the random-weight model is built (reused if present)")
+    p.add_argument("--samples", type=int, default=32, help="training samples timed per configuration")
+    p.add_argument("--whole-process", action="store_true", help="also time whole 03 processes vs TRL")
+    p.add_argument("--skip-trl", action="store_true", help="skip the TRL original recipe (slow)")
+    args = p.parse_args()
+
+    import torch
+
+    from emojitune.data import load_records
+    from emojitune.split import stratified_split
+
+    print(f"machine: {os.cpu_count()} CPU threads visible, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads"
+          + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"), flush=True)
+    model_path = build_model(args.model_dir)
+    records = load_records(ROOT / "training_data_emotion_jp.json")
+    train, val = stratified_split(records, 0.2, 42)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = matmul_peak_gflops(device)
+    print(f"fp32 matmul peak measured here: {peak:.0f} GFLOP/s", flush=True)
+
+    rows = []  # (name, s/sample, useful GFLOP/sample, peak GB)
+    if not args.skip_trl:
+        s, _, mem = time_trl(model_path, _write_train(train), args.samples)
+        rows.append(("original recipe: TRL SFTTrainer, batch 1, grad ckpt", s, None, mem))
+        print(f"  measured {rows[-1][0]}: {s:.3f} s/sample", flush=True)
+    configs = [("ours, default recipe (batch 1, dropout 0.05)", 1, 0.05),
+               ("ours, --batch-size 8", 8, 0.05),
+               ("ours, --batch-size 16", 16, 0.05),
+               ("ours, --batch-size 16 --lora-dropout 0", 16, 0.0)]
+    for name, bs, dropout in configs:
+        s, gflop, mem = time_ours(model_path, train, bs, dropout, args.samples)
+        rows.append((name, s, gflop, mem))
+        print(f"  measured {name}: {s:.3f} s/sample", flush=True)
+    # The original recipe trains on the same kind of samples: count its useful work as for ours.
+    ours_gflop = next(r[2] for r in rows if r[2] is not None)
+    eval_s, answer_s, top_s, n_val, n_labels = time_eval_and_answer(model_path, train, val)
+
+    base = rows[0][1] if not args.skip_trl else None
+    print()
+    print(f"| configuration | s/sample | samples/s | useful GFLOP/s | % of matmul peak | peak memory | speed-up vs original |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s, gflop, mem in rows:
+        g = (gflop or ours_gflop) / s
+        ratio = f"{base / s:.1f}x" if base else "n/a"
+        print(f"| {name} | {s:.3f} | {1 / s:.2f} | {g:.0f} | {100 * g / peak:.0f}% | {mem:.1f} GB | {ratio} |")
+    print()
+    print(f"evaluation pass (val loss + accuracy, {n_val} tweets, one teacher-forced pass): {eval_s:.2f} s")
+    print(f"06 answer latency, one tweet, greedy: {answer_s:.3f} s (median of 5)")
+    print(f"06 --labels-only / --top, one tweet scored against {n_labels} labels: {top_s:.3f} s (median of 3)")
+    if args.whole_process:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = whole_process(model_path, train, val, Path(tmp))
+        print()
+        print("| whole process, 1 epoch over 48 tweets | seconds | speed-up vs original |")
+        print("|---|---|---|")
+        for name, s in results:
+            print(f"| {name} | {s:.1f} | {results[0][1] / s:.1f}x |")
+
+
+def _write_train(train) -> Path:
+    from emojitune.data import encode_records
+
+    path = Path(tempfile.mkdtemp()) / "train.json"
+    path.write_bytes(encode_records(train))
+    return path
+
+
+if __name__ == "__main__":
+    main()

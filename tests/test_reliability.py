@@ -1,0 +1,118 @@
+"""Interruption and resume, several processes, security details, and the rest of the bad-input matrix."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, assert_user_error, load_json, run_script, write_messages
+
+
+def small_run_dir(base: Path, name: str, n: int = 40) -> Path:
+    src = load_json(ROOT / "training_data_emotion_jp.json")[:n]
+    data = write_messages(base / f"{name}.json", [(r["messages"][1]["content"], r["messages"][2]["content"])
+                                                  for r in src])
+    d = base / name
+    assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
+    assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
+    return d
+
+
+def test_ctrl_c_keeps_finished_epochs_and_resume_matches(tmp_path, tiny_model):
+    common = ["--model", str(tiny_model), "--batch-size", "2", "--lr", "3e-3", "--epochs", "4"]
+    straight, interrupted = small_run_dir(tmp_path, "straight"), small_run_dir(tmp_path, "interrupted")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "03_train_model.py"), *common, "--checkpoint-dir",
+                             str(interrupted)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = interrupted / "metrics.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(load_json(metrics)["epochs"]) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert "--resume" in err and "interrupted during epoch" in err
+    done = load_json(metrics)["epochs"]
+    assert 1 <= len(done) < 4
+    assert all((interrupted / "epochs" / f"epoch-{e['epoch']}" / "adapter_model.safetensors").exists() for e in done)
+    assert not (interrupted / "adapter").exists()
+    assert not list(interrupted.rglob("*.tmp"))
+    # Without --resume a new run refuses to overwrite the unfinished one.
+    assert_user_error(run_script("03_train_model.py", *common, "--checkpoint-dir", interrupted),
+                      "unfinished run", "--resume")
+    r = run_script("03_train_model.py", "--resume", "--checkpoint-dir", interrupted)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert run_script("03_train_model.py", *common, "--checkpoint-dir", straight).returncode == 0
+    keys = ("epoch", "train_loss", "val_loss", "val_accuracy")
+    a, b = load_json(straight / "metrics.json"), load_json(metrics)
+    assert [{k: e[k] for k in keys} for e in a["epochs"]] == [{k: e[k] for k in keys} for e in b["epochs"]]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model):
+    one, two = small_run_dir(tmp_path, "one"), small_run_dir(tmp_path, "two")
+    common = ["--model", tiny_model, "--epochs", 2, "--lr", "3e-3", "--lora-dropout", 0]
+    r1 = run_script("03_train_model.py", *common, "--batch-size", 4, "--checkpoint-dir", one)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r2 = subprocess.run([str(accelerate), "launch", "--num_processes", "2", str(ROOT / "03_train_model.py"),
+                         *map(str, common), "--batch-size", "2", "--checkpoint-dir", str(two)],
+                        capture_output=True, text=True, env=env, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "2 processes (global batch 4)" in r2.stdout
+    assert r2.stdout.count("epoch 2/2  train") == 1  # one process reports and writes
+    a, b = load_json(one / "metrics.json")["epochs"], load_json(two / "metrics.json")["epochs"]
+    for x, y in zip(a, b, strict=True):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], abs=1e-4)
+        assert y["val_loss"] == pytest.approx(x["val_loss"], abs=1e-4)
+    assert load_json(two / "run.json")["processes"] == 2
+    assert not list(two.rglob("*.tmp")) and not list(two.rglob(".*.old"))
+
+
+def test_adapter_without_safetensors_is_refused(tmp_path, tiny_model):
+    d = tmp_path / "run"
+    (d / "adapter").mkdir(parents=True)
+    (d / "adapter/adapter_config.json").write_text("{}")
+    (d / "adapter/adapter_model.bin").write_bytes(b"not loaded")
+    r = run_script("06_test_finetuned_single.py", "--model", tiny_model, "--checkpoint-dir", d, input="x\n")
+    assert_user_error(r, "no adapter_model.safetensors")
+
+
+def test_token_is_never_printed(tmp_path):
+    assert run_script("01_prepare_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+    assert run_script("02_split_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+    secret = "hf_SECRETtoken1234567890"
+    r = run_script("03_train_model.py", "--model", "someone/missing-model", "--checkpoint-dir", tmp_path,
+                   env={"HF_TOKEN": secret})
+    assert_user_error(r, "someone/missing-model", "--model PATH")
+    assert secret not in r.stdout + r.stderr
+
+
+def test_gated_model_message():
+    from huggingface_hub.errors import GatedRepoError
+
+    from emojitune.modeling import _explain_load_error
+
+    gated = GatedRepoError.__new__(GatedRepoError)  # its constructor wants a live HTTP response
+    Exception.__init__(gated, "403 Client Error: access to model google/gemma-3-270m-it is restricted")
+    try:
+        raise OSError("You are trying to access a gated repo.") from gated
+    except OSError as e:
+        message = _explain_load_error("google/gemma-3-270m-it", e)
+    assert "accept its licence" in message and "hf auth login" in message and "--model PATH" in message
+
+
+def test_steps_out_of_order(tmp_path):
+    assert_user_error(run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path), "run 03_train_model.py first")
+    assert_user_error(run_script("05_test_base.py", "--checkpoint-dir", tmp_path), "run 02_split_data.py first")
+    assert_user_error(run_script("03_train_model.py", "--resume", "--checkpoint-dir", tmp_path),
+                      "no run to resume")
+    r = run_script("03_train_model.py", "--device", "tpu", "--checkpoint-dir", tmp_path)
+    assert r.returncode != 0 and "invalid choice: 'tpu'" in r.stderr and "Traceback" not in r.stderr
