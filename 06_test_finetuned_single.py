@@ -23,8 +23,8 @@ def main():
                    help="which adapter: last (checkpoints/adapter), best (lowest val loss) or epoch-N (default: last)")
     p.add_argument("--base", action="store_true", help="test the base model without any adapter")
     p.add_argument("--system", default=None,
-                   help="system prompt sent with every input (default: the one the adapter was trained with; "
-                        "'' sends none)")
+                   help="system prompt sent with every input (default: the one the adapter was trained with, "
+                        "from checkpoints/run.json; '' sends none)")
     p.add_argument("--labels-only", action="store_true",
                    help="answer only with a label seen in training, the one the model finds most likely")
     p.add_argument("--top", type=int, default=0, metavar="K",

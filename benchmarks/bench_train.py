@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-# google/gemma-3-270m config.json on the Hugging Face hub (the values are also listed in
-# shared/PERF_NOTES.md): 268.1M parameters, 167.8M of them in the tied 262,144-token embedding.
+# The values of google/gemma-3-270m's config.json on the Hugging Face hub (model_type gemma3_text):
+# 268.1M parameters, 167.8M of them in the tied 262,144-token embedding.
 GEMMA_3_270M = dict(
     vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
     num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,

@@ -332,7 +332,7 @@ def encode_records(records: list[Record]) -> bytes:
 
 def refuse_data_change(cp, new_files: dict[Path, bytes], overwrite: bool, step: str) -> None:
     """Refuse to change data files a trained adapter in cp was made from, unless --overwrite."""
-    if overwrite or not cp.run_info.exists():
+    if overwrite or not cp.has_trained_adapter():
         return
     changed = [p for p, data in new_files.items() if not p.exists() or p.read_bytes() != data]
     if changed:

@@ -1,5 +1,6 @@
 """User-facing errors: one clear line with the fix, a non-zero exit, no traceback."""
 
+import os
 import sys
 
 
@@ -17,3 +18,7 @@ def run_main(main) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

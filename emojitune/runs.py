@@ -61,9 +61,12 @@ def common_system_prompt(records) -> str | None:
 
 
 def system_prompt(cp, override: str | None) -> tuple[str | None, str]:
-    """--system if given ('' = none); else the prompt the run's training data used; else the default."""
+    """--system if given ('' = none); else the prompt the adapter was trained with (run.json), or that of
+    the training data before any run; else the default."""
     if override is not None:
         return (override or None), "--system"
+    if cp.run_info.exists():
+        return read_json(cp.run_info).get("system_prompt"), str(cp.run_info)
     records = train_records(cp)
     if records:
         return common_system_prompt(records), str(cp.train)

@@ -26,7 +26,7 @@ def run_tester(cp, *, checkpoint: str = "last", base: bool = False, model: str |
     sampling = sampling or Sampling()
     sampling.check()
     if top < 0:
-        raise UserError(f"--top {top} must be 1 or more")
+        raise UserError(f"--top {top} must be 0 (off) or a number of labels to show")
     labels_only = labels_only or top > 0
     adapter = None if base else resolve_checkpoint(cp, checkpoint)
     model_id, model_from = base_model(cp, model)

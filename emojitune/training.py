@@ -2,7 +2,7 @@
 
 A plain PyTorch loop (with accelerate for multi-process runs) rather than TRL's SFTTrainer: on CPU
 TRL projects the 262k-token output layer over every prompt position and computes full-vocabulary
-entropy for its logs, about 1.7x slower for the same numbers (see PERF_NOTES / benchmarks).
+entropy for its logs: much slower for the same numbers (benchmarks/bench_train.py measures it).
 """
 
 import contextlib
@@ -66,7 +66,7 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) 
 
     Shuffled with a generator of its own (seed, epoch), so resuming at any epoch gives the same order.
     For batches above 1, examples are grouped by length within windows of 8 batches: padding stays
-    small (PERF_NOTES: ~17% → ~6%) while batches stay mixed.
+    small (on the shipped tweets ~17% → ~6% padding) while batches stay mixed.
     """
     rng = random.Random(f"{seed}/{epoch}")
     order = list(range(len(lengths)))
@@ -181,7 +181,7 @@ def _check_existing_run(cp, resume: bool, overwrite: bool) -> dict | None:
     if cp.adapter.exists():
         raise UserError(f"{cp.adapter} already holds a trained adapter: pass --overwrite to replace the run, "
                         "--resume to continue it with more --epochs, or use another --checkpoint-dir")
-    if cp.metrics.exists() or cp.epochs_dir.exists() or cp.run_info.exists():
+    if cp.metrics.exists() or cp.epochs_dir.exists():
         raise UserError(f"{cp.root} holds an unfinished run: pass --resume to continue it, --overwrite to start "
                         "over, or use another --checkpoint-dir")
     return None
@@ -189,6 +189,8 @@ def _check_existing_run(cp, resume: bool, overwrite: bool) -> dict | None:
 
 def _settings_for_resume(settings: TrainSettings, explicit: set[str], previous: dict) -> TrainSettings:
     saved = previous["settings"]
+    if "model" in explicit and Path(settings.model).expanduser().is_dir():
+        settings.model = str(Path(settings.model).expanduser().resolve())
     clashes = [f"--{k.replace('_', '-')} {getattr(settings, k)} (run used {saved[k]})"
                for k in TrainSettings.FIXED_ON_RESUME if k in explicit and getattr(settings, k) != saved[k]]
     if clashes:
@@ -254,6 +256,8 @@ def train(cp, settings: TrainSettings, explicit: set[str] = frozenset(), resume:
                         "start over with --overwrite")
     check_model_source(settings.model)
     resolve_device(settings.device)
+    if Path(settings.model).expanduser().is_dir():  # so 05/06 find it from any working folder
+        settings.model = str(Path(settings.model).expanduser().resolve())
     return _Trainer(cp, settings, previous, train_records, val_records, data_hashes, log).run()
 
 
@@ -339,8 +343,12 @@ class _Trainer:
         except KeyboardInterrupt:
             if acc.is_main_process:
                 done = len(epochs)
-                what = (f"epochs 1-{done} are saved in {cp.epochs_dir}. Continue with: uv run 03_train_model.py "
-                        f"--resume --checkpoint-dir {cp.root}") if done else "no epoch finished, nothing saved"
+                if done:
+                    what = (f"epochs 1-{done} are saved in {cp.epochs_dir}. Continue with: uv run "
+                            f"03_train_model.py --resume --checkpoint-dir {cp.root}")
+                else:  # nothing to resume: leave the folder as a fresh run can use it
+                    remove(cp.run_info)
+                    what = "no epoch finished, nothing saved; run the same command again to start over"
                 print(f"\ninterrupted during epoch {epoch}: {what}", file=sys.stderr)
             raise
         if acc.is_main_process:
