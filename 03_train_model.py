@@ -1,7 +1,7 @@
 """Step 3: train a LoRA adapter on checkpoints/data/train.json, evaluating on val.json every epoch.
 
     uv run 03_train_model.py --epochs 2
-    uv run 03_train_model.py --model /path/to/gemma-3-270m-it --batch-size 16 --lr 4e-4
+    uv run 03_train_model.py --model /path/to/gemma-3-270m-it --batch-size 16 --lr 2e-4
     uv run accelerate launch --num_processes 2 03_train_model.py      # several processes / GPUs
 
 Writes checkpoints/metrics.json, checkpoints/epochs/epoch-N/, checkpoints/adapter/, checkpoints/run.json.
@@ -25,7 +25,7 @@ def main():
     p.add_argument("--epochs", type=int, help=f"passes over the training tweets (default: {D.epochs})")
     p.add_argument("--lr", type=float, help=f"learning rate, constant (default: {D.lr})")
     p.add_argument("--batch-size", type=int,
-                   help=f"tweets per step and process (default: {D.batch_size}); try 16 with --lr 4e-4 for speed")
+                   help=f"tweets per step and process (default: {D.batch_size}); try 16 with --lr 2e-4 for speed (see README: Speed)")
     p.add_argument("--lora-r", type=int, help=f"LoRA rank (default: {D.lora_r})")
     p.add_argument("--lora-alpha", type=float, help=f"LoRA alpha (default: {D.lora_alpha:g})")
     p.add_argument("--lora-dropout", type=float, help=f"LoRA dropout (default: {D.lora_dropout})")

@@ -116,7 +116,7 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
 
     from emojitune.modeling import load_model
     from emojitune.scoring import encode
-    from emojitune.training import AnswerLoss, TrainStep, epoch_batches, pad_id_of
+    from emojitune.training import TrainStep, answer_loss_module, epoch_batches, pad_id_of
 
     torch.manual_seed(42)
     lm = load_model(str(model_path), "cpu" if not torch.cuda.is_available() else "cuda",
@@ -129,7 +129,7 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
     params = [p for p in lm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, fused=lm.device.startswith("cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    module = acc.prepare(AnswerLoss.module(lm.model))
+    module = acc.prepare(answer_loss_module(lm.model))
     step = TrainStep(acc, module, opt, sched, examples, pad_id_of(lm), 1.0)
     batches = epoch_batches([len(e.input_ids) for e in examples], batch_size, 42, 1)
     step(batches[0])  # warm-up: first-call allocations are not the steady state
@@ -201,7 +201,7 @@ def peak_memory(device: str) -> float:
 def time_eval_and_answer(model_path, train_records, val_records):
     import torch
 
-    from emojitune.generation import generate
+    from emojitune.generation import Sampling, generate
     from emojitune.modeling import load_model
     from emojitune.scoring import encode, label_probabilities, pad_id, score
 
@@ -212,12 +212,14 @@ def time_eval_and_answer(model_path, train_records, val_records):
     score(lm.model, val, pad_id(lm.tokenizer), lm.device)
     sync(lm.device)
     eval_s = time.perf_counter() - start
+    # Random weights never say <end_of_turn>: cap the answer at 3 new tokens, an emoji and its end.
+    emoji_answer = Sampling(max_new_tokens=3)
     tweet = val_records[0]
-    generate(lm, tweet.system, tweet.user)
+    generate(lm, tweet.system, tweet.user, emoji_answer)
     answer = []
     for r in val_records[1:6]:
         start = time.perf_counter()
-        generate(lm, r.system, r.user)
+        generate(lm, r.system, r.user, emoji_answer)
         answer.append(time.perf_counter() - start)
     labels = list(dict.fromkeys(r.label for r in train_records))
     top = []
@@ -301,7 +303,7 @@ def main():
         print(f"| {name} | {s:.3f} | {1 / s:.2f} | {g:.0f} | {100 * g / peak:.0f}% | {mem:.1f} GB | {ratio} |")
     print()
     print(f"evaluation pass (val loss + accuracy, {n_val} tweets, one teacher-forced pass): {eval_s:.2f} s")
-    print(f"06 answer latency, one tweet, greedy: {answer_s:.3f} s (median of 5)")
+    print(f"06 answer latency, one tweet, greedy, prompt + 3 new tokens: {answer_s:.3f} s (median of 5)")
     print(f"06 --labels-only / --top, one tweet scored against {n_labels} labels: {top_s:.3f} s (median of 3)")
     if args.whole_process:
         with tempfile.TemporaryDirectory() as tmp:

@@ -5,6 +5,7 @@ included), the argmax of the logits is the label's next token. So one forward pa
 gives both the loss and the accuracy, with no generate loop.
 """
 
+import functools
 from dataclasses import dataclass
 
 IGNORE = -100
@@ -59,11 +60,51 @@ def answer_logits(causal_lm, input_ids, attention_mask, targets, full_logits: bo
                                      use_cache=False).last_hidden_state
     keep = targets != IGNORE
     head = causal_lm.get_output_embeddings()
-    logits = head(hidden)[keep] if full_logits else head(hidden[keep])
+    if full_logits:
+        logits = head(hidden)[keep]
+    elif hidden.device.type == "cpu" and head.bias is None and not head.weight.requires_grad:
+        logits = frozen_head_cpu(hidden[keep], head.weight)
+    else:
+        logits = head(hidden[keep])
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
+
+
+def frozen_head_cpu(h, weight):
+    """h @ weight.T for the few answer positions, on CPU, with the output layer frozen (LoRA).
+
+    With 2-3 rows, the BLAS path of F.linear streams the 262k x 640 matrix once per row; written as
+    weight @ h.T it streams it once (measured on 2 cores: 2-4x faster), and the input gradient as
+    weight.T @ grad.T with a contiguous copy of weight.T likewise. Same products, summed in another
+    order: results agree to float32 rounding.
+    """
+    return _frozen_head_function().apply(h, weight)
+
+
+@functools.cache
+def _frozen_head_function():
+    import torch
+
+    transposed = {}
+
+    class FrozenHead(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(w)
+            return (w @ x.T).T
+
+        @staticmethod
+        def backward(ctx, grad):
+            (w,) = ctx.saved_tensors
+            key = (w.data_ptr(), tuple(w.shape), w._version)
+            if key not in transposed:
+                transposed.clear()  # one model at a time: keep a single copy
+                transposed[key] = w.T.contiguous()
+            return (transposed[key] @ grad.T).T, None
+
+    return FrozenHead
 
 
 def token_losses(causal_lm, input_ids, attention_mask, targets, full_logits: bool = False):

@@ -82,26 +82,23 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) 
     return batches
 
 
-class AnswerLoss:
-    """Builds the training module lazily (torch is imported inside functions, never at import time)."""
+def answer_loss_module(peft_model):
+    """The model as a module whose forward returns the summed answer-token loss of a batch.
+    Training goes through it so that DDP sees the forward pass (its gradient sync hangs on forward)."""
+    import torch
 
-    @staticmethod
-    def module(peft_model):
-        import torch
+    from .scoring import causal_lm_of, token_losses
 
-        from .scoring import causal_lm_of, token_losses
+    class AnswerLoss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
 
-        class _AnswerLoss(torch.nn.Module):
-            # Wrapping the forward in a module lets DDP see it (gradient sync happens through forward).
-            def __init__(self, model):
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids, attention_mask, targets):
+            losses, _, _ = token_losses(causal_lm_of(self.model), input_ids, attention_mask, targets)
+            return losses.sum()
 
-            def forward(self, input_ids, attention_mask, targets):
-                losses, _, _ = token_losses(causal_lm_of(self.model), input_ids, attention_mask, targets)
-                return losses.sum()
-
-        return _AnswerLoss(peft_model)
+    return AnswerLoss(peft_model)
 
 
 def pad_id_of(lm) -> int:
@@ -315,7 +312,7 @@ class _Trainer:
             if torch.cuda.is_available() and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state_all(state["rng_cuda"])
             epochs = state["metrics"]
-        module = acc.prepare(AnswerLoss.module(lm.model))
+        module = acc.prepare(answer_loss_module(lm.model))
         n_params = sum(p.numel() for p in lm.model.parameters())
         n_train = sum(p.numel() for p in params)
         self._announce(lm, n_params, n_train, start_epoch)
