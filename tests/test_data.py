@@ -160,6 +160,10 @@ def test_file_level_errors(tmp_path):
     header.write_text("foo,bar\na,😀\n", encoding="utf-8")
     assert_user_error(run_script("01_prepare_data.py", "--input", header, "--checkpoint-dir", tmp_path),
                       "h.csv", "needs a text column")
+    quoting = tmp_path / "q.csv"
+    quoting.write_text('text,emoji\n"an unclosed quote,😀\n', encoding="utf-8")
+    assert_user_error(run_script("01_prepare_data.py", "--input", quoting, "--checkpoint-dir", tmp_path),
+                      "q.csv", "not valid CSV/TSV")
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text('{"text": "a", "emoji": "😀"}\n{"text": \n', encoding="utf-8")
     assert_user_error(run_script("01_prepare_data.py", "--input", jsonl, "--checkpoint-dir", tmp_path),

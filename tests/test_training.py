@@ -163,3 +163,41 @@ def test_plot_from_hand_made_metrics(tmp_path):
     assert "← best" in r.stdout and "1.7100" in r.stdout
     assert_user_error(run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path / "empty"),
                       "metrics.json not found", "run 03_train_model.py first")
+
+
+def test_epoch_batches_cover_every_example_once_and_are_stable():
+    from emojitune.training import epoch_batches
+
+    lengths = [10 + (i * 7) % 40 for i in range(200)]
+    for batch in (1, 8, 16):
+        a = epoch_batches(lengths, batch, seed=42, epoch=2)
+        assert sorted(i for b in a for i in b) == list(range(200))
+        assert a == epoch_batches(lengths, batch, seed=42, epoch=2)
+        assert a != epoch_batches(lengths, batch, seed=42, epoch=3)
+    # Grouping by length keeps padding small compared with random batches of the same size.
+    padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)  # noqa: E731
+    grouped = epoch_batches(lengths, 16, seed=42, epoch=1)
+    ungrouped = [[i for b in epoch_batches(lengths, 1, seed=42, epoch=1) for i in b][j:j + 16]
+                 for j in range(0, 200, 16)]
+    assert padded(grouped) < padded(ungrouped)
+
+
+def test_gradient_checkpointing_gives_the_same_numbers(tmp_path, tiny_model):
+    from emojitune.data import prepare
+    from emojitune.paths import CheckpointDir
+    from emojitune.split import split
+    from emojitune.training import TrainSettings, train
+
+    src = load_json(ROOT / "training_data_emotion_jp.json")[:30]
+    data = write_messages(tmp_path / "s.json", [(r["messages"][1]["content"], r["messages"][2]["content"])
+                                                for r in src])
+    results = []
+    for gc in (False, True):
+        cp = CheckpointDir(tmp_path / f"gc-{gc}")
+        prepare(data, cp, log=lambda *a: None)
+        split(cp, log=lambda *a: None)
+        settings = TrainSettings(model=str(tiny_model), epochs=1, batch_size=4, lr=3e-3, device="cpu",
+                                 lora_dropout=0.0, gradient_checkpointing=gc)
+        results.append(train(cp, settings, log=lambda *a: None)["epochs"][0])
+    assert results[0]["train_loss"] == pytest.approx(results[1]["train_loss"], abs=1e-5)
+    assert results[0]["val_loss"] == pytest.approx(results[1]["val_loss"], abs=1e-5)
