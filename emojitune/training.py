@@ -428,8 +428,9 @@ class _Trainer:
         self._save_adapter(cp.adapter)
         self._write_run_info(self.lm, finished=True, seconds=seconds, best=best_epoch(epochs))
         self.log(advice(epochs, cp))
-        written = [cp.run_info, cp.metrics, *(cp.epoch_dir(e["epoch"]) for e in epochs), cp.adapter,
-                   cp.resume_state]
+        first, last = epochs[0]["epoch"], epochs[-1]["epoch"]
+        folders = str(cp.epoch_dir(last)) if first == last else f"{cp.epoch_dir(first)} … epoch-{last}"
+        written = [cp.run_info, cp.metrics, folders, cp.adapter, cp.resume_state]
         self.log("wrote " + ", ".join(str(p) for p in written))
         self.log(f"next: uv run 04_plot_loss.py --checkpoint-dir {cp.root}")
 
