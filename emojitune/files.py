@@ -11,11 +11,7 @@ from .errors import UserError
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically: a crash or Ctrl+C leaves the old file or the new one, never half of one."""
-    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    write_bytes(path, (json.dumps(obj, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -47,10 +43,6 @@ def read_json(path: Path, missing_hint: str = ""):
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
