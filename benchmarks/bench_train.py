@@ -9,7 +9,6 @@ tweets average ~50 tokens with 2-3 answer tokens, as the real Gemma tokenizer's 
 """
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -115,8 +114,8 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
     from peft import LoraConfig
 
     from emojitune.modeling import load_model
-    from emojitune.scoring import encode
-    from emojitune.training import TrainStep, answer_loss_module, epoch_batches, pad_id_of
+    from emojitune.scoring import encode, pad_id
+    from emojitune.training import TrainStep, answer_loss_module, epoch_batches
 
     torch.manual_seed(42)
     lm = load_model(str(model_path), "cpu" if not torch.cuda.is_available() else "cuda",
@@ -130,7 +129,7 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, fused=lm.device.startswith("cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     module = acc.prepare(answer_loss_module(lm.model))
-    step = TrainStep(acc, module, opt, sched, examples, pad_id_of(lm), 1.0)
+    step = TrainStep(acc, module, opt, sched, examples, pad_id(lm.tokenizer), 1.0)
     batches = epoch_batches([len(e.input_ids) for e in examples], batch_size, 42, 1)
     step(batches[0])  # warm-up: first-call allocations are not the steady state
     todo, n, lengths, answers = [], 0, [], []
@@ -295,7 +294,7 @@ def main():
 
     base = rows[0][1] if not args.skip_trl else None
     print()
-    print(f"| configuration | s/sample | samples/s | useful GFLOP/s | % of matmul peak | peak memory | speed-up vs original |")
+    print("| configuration | s/sample | samples/s | useful GFLOP/s | % of matmul peak | peak memory | speed-up vs original |")
     print("|---|---|---|---|---|---|---|")
     for name, s, gflop, mem in rows:
         g = (gflop or ours_gflop) / s

@@ -2,7 +2,6 @@
 
 import random
 from collections import defaultdict
-from pathlib import Path
 
 from .data import Record, encode_records, format_counts, label_counts, records_from_json, refuse_data_change
 from .errors import UserError

@@ -18,6 +18,7 @@ from . import DEFAULT_MODEL
 from .errors import UserError
 from .files import read_json, remove, replace_dir, sha256_file, write_json
 from .runs import best_epoch, common_system_prompt
+from .scoring import IGNORE, pad_id
 
 
 @dataclass
@@ -101,19 +102,13 @@ def answer_loss_module(peft_model):
     return AnswerLoss(peft_model)
 
 
-def pad_id_of(lm) -> int:
-    from .scoring import pad_id
-
-    return pad_id(lm.tokenizer)
-
-
 class TrainStep:
     """One optimizer step on one global batch, shared by 03 and the benchmark."""
 
     def __init__(self, acc, module, optimizer, scheduler, examples, pad: int, max_grad_norm: float):
         self.acc, self.module, self.optimizer, self.scheduler = acc, module, optimizer, scheduler
         self.examples, self.pad, self.max_grad_norm = examples, pad, max_grad_norm
-        self.answer_len = [sum(t != -100 for t in e.targets) for e in examples]
+        self.answer_len = [sum(t != IGNORE for t in e.targets) for e in examples]
 
     def __call__(self, batch: list[int]):
         """Train on the global batch; return this process's summed loss (a tensor, no host sync) and
@@ -375,7 +370,7 @@ class _Trainer:
         acc, s = self.acc, self.s
         batches = epoch_batches([len(e.input_ids) for e in examples], s.batch_size * acc.num_processes,
                                 s.seed, epoch)
-        step = TrainStep(acc, module, optimizer, scheduler, examples, pad_id_of(self.lm), s.max_grad_norm)
+        step = TrainStep(acc, module, optimizer, scheduler, examples, pad_id(self.lm.tokenizer), s.max_grad_norm)
         module.train()
         loss_sum = torch.zeros((), device=acc.device)
         token_sum = 0
@@ -398,7 +393,7 @@ class _Trainer:
         from .scoring import score
 
         start = time.time()
-        scores = score(self.lm.model, val_ex, pad_id_of(self.lm), self.lm.device)
+        scores = score(self.lm.model, val_ex, pad_id(self.lm.tokenizer), self.lm.device)
         return {"val_loss": scores.mean_loss, "val_accuracy": scores.accuracy,
                 "val_correct": sum(scores.exact), "val_total": len(scores.exact),
                 "eval_seconds": time.time() - start}

@@ -44,6 +44,12 @@ def write_messages(path: Path, rows: list[tuple[str, str]], system: str | None =
     return path
 
 
+def shipped_subset(path: Path, n: int) -> Path:
+    """The first n shipped records (10 per label, in label order) as a messages file for quick runs."""
+    records = load_json(DATASET)[:n]
+    return write_messages(path, [(r["messages"][1]["content"], r["messages"][2]["content"]) for r in records])
+
+
 def load_json(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

@@ -8,13 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_user_error, load_json, run_script, write_messages
+from conftest import ROOT, assert_user_error, load_json, run_script, shipped_subset
 
 
 def small_run_dir(base: Path, name: str, n: int = 40) -> Path:
-    src = load_json(ROOT / "training_data_emotion_jp.json")[:n]
-    data = write_messages(base / f"{name}.json", [(r["messages"][1]["content"], r["messages"][2]["content"])
-                                                  for r in src])
+    data = shipped_subset(base / f"{name}.json", n)
     d = base / name
     assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
     assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0

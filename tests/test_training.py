@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import ROOT, assert_user_error, load_json, run_script, write_messages
+from conftest import assert_user_error, load_json, run_script, shipped_subset
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +99,7 @@ def test_no_silent_overwrite(two_epochs, tiny_model):
 
 
 def test_resume_reaches_the_same_metrics(tmp_path, tiny_model):
-    src = load_json(ROOT / "training_data_emotion_jp.json")[:40]  # 4 labels x 10
-    rows = [(r["messages"][1]["content"], r["messages"][2]["content"]) for r in src]
-    data = write_messages(tmp_path / "small.json", rows)
+    data = shipped_subset(tmp_path / "small.json", 40)  # 4 labels x 10
     common = ("--model", tiny_model, "--batch-size", 4, "--lr", "3e-3")
     for name in ("straight", "resumed"):
         d = tmp_path / name
@@ -131,9 +129,7 @@ def test_fast_and_plain_loss_give_the_same_training_curve(tmp_path, tiny_model, 
     from emojitune.split import split
     from emojitune.training import TrainSettings, train
 
-    src = load_json(ROOT / "training_data_emotion_jp.json")[:30]
-    data = write_messages(tmp_path / "s.json", [(r["messages"][1]["content"], r["messages"][2]["content"])
-                                                for r in src])
+    data = shipped_subset(tmp_path / "s.json", 30)
     results = {}
     plain = scoring.token_losses
     for name, full in (("fast", False), ("plain", True)):
@@ -188,9 +184,7 @@ def test_gradient_checkpointing_gives_the_same_numbers(tmp_path, tiny_model):
     from emojitune.split import split
     from emojitune.training import TrainSettings, train
 
-    src = load_json(ROOT / "training_data_emotion_jp.json")[:30]
-    data = write_messages(tmp_path / "s.json", [(r["messages"][1]["content"], r["messages"][2]["content"])
-                                                for r in src])
+    data = shipped_subset(tmp_path / "s.json", 30)
     results = []
     for gc in (False, True):
         cp = CheckpointDir(tmp_path / f"gc-{gc}")
