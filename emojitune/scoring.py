@@ -47,17 +47,17 @@ def collate(examples: list[Example], pad_id: int, device):
     return ids.to(device), mask.to(device), targets.to(device)
 
 
-def answer_logits(causal_lm, input_ids, attention_mask, targets, full_logits: bool = False):
+def answer_logits(causal_lm, input_ids, attention_mask, targets, full_logits: bool = False, cache=None):
     """Logits at the answer positions only, shape (n_answer_tokens, vocab), in float32.
 
     The output layer of Gemma 3 is the 262k-token embedding: projecting every prompt position is most
     of a training step's work. We run the decoder, gather the few hidden states that carry loss, and
     project only those. `full_logits=True` projects every position first (the plain way), for checks.
+    `cache`: keys and values of earlier tokens that `input_ids` continue (attention_mask covers both).
     """
     import torch
 
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state
+    hidden = run_decoder(causal_lm, input_ids, attention_mask, cache)
     keep = targets != IGNORE
     head = causal_lm.get_output_embeddings()
     if full_logits:
@@ -70,6 +70,20 @@ def answer_logits(causal_lm, input_ids, attention_mask, targets, full_logits: bo
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
+
+
+def run_decoder(causal_lm, input_ids, attention_mask, cache=None):
+    """Last hidden states of the decoder; with `cache`, it continues the cached tokens and extends it."""
+    import inspect
+
+    decoder = causal_lm.get_decoder()
+    extra = {}
+    if cache is not None:
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns until it is removed).
+        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        extra = {name: cache}
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None,
+                   **extra).last_hidden_state
 
 
 def frozen_head_cpu(h, weight):
@@ -107,11 +121,11 @@ def _frozen_head_function():
     return FrozenHead
 
 
-def token_losses(causal_lm, input_ids, attention_mask, targets, full_logits: bool = False):
+def token_losses(causal_lm, input_ids, attention_mask, targets, full_logits: bool = False, cache=None):
     """Per-answer-token cross-entropy and argmax correctness, plus the batch row of each token."""
     import torch.nn.functional as F
 
-    logits = answer_logits(causal_lm, input_ids, attention_mask, targets, full_logits)
+    logits = answer_logits(causal_lm, input_ids, attention_mask, targets, full_logits, cache)
     keep = targets != IGNORE
     wanted = targets[keep]
     rows = keep.nonzero()[:, 0]
@@ -163,6 +177,39 @@ def score(lm_model, examples: list[Example], pad_id: int, device, batch_size: in
     return Scores(loss, tokens, exact)
 
 
+def shared_prompt_losses(lm_model, prompt: list[int], answers: list[list[int]], pad: int, device) -> list[float]:
+    """Summed answer-token loss of each answer after one shared prompt: what `score` gives for the
+    examples prompt + answer, with the prompt run once instead of once per answer.
+
+    The prompt goes through the model once; its last position gives every answer's first token, and its
+    keys and values are copied for every answer, whose row then runs only its own tokens. For 25 labels
+    after a ~50-token prompt, measured on 2 cores: 2.4 s → 0.7 s per tweet.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    if not prompt or min(map(len, answers)) < 2:  # not our answers (label + end of turn): the plain way
+        return score(lm_model, [Example.build(prompt, a) for a in answers], pad, device, len(answers)).loss
+    causal_lm = causal_lm_of(lm_model)
+    was_training = lm_model.training
+    lm_model.eval()
+    with torch.no_grad():
+        cache = DynamicCache(config=causal_lm.config)
+        ids = torch.tensor([prompt], device=device)
+        last = torch.full_like(ids, IGNORE)
+        last[0, -1] = 0  # any token: it only marks the one position whose logits we need
+        logits = answer_logits(causal_lm, ids, torch.ones_like(ids), last, cache=cache)
+        first = -torch.log_softmax(logits[0], -1)[[a[0] for a in answers]]
+        cache.batch_repeat_interleave(len(answers))
+        rows = [Example(a[:-1], a[1:]) for a in answers]  # row position t predicts answer token t + 1
+        ids, mask, targets = collate(rows, pad, device)
+        mask = torch.cat([torch.ones((len(rows), len(prompt)), dtype=mask.dtype, device=device), mask], 1)
+        tok_loss, _, row_of = token_losses(causal_lm, ids, mask, targets, cache=cache)
+        summed = first.index_add(0, row_of, tok_loss)
+    lm_model.train(was_training)
+    return summed.tolist()
+
+
 def label_probabilities(lm, system: str | None, user: str, labels: list[str]) -> list[tuple[str, float]]:
     """The model's own probability of each label as its whole answer (label + end of turn), normalised
     over the label set; highest first. Used by 06 --labels-only / --top."""
@@ -171,9 +218,8 @@ def label_probabilities(lm, system: str | None, user: str, labels: list[str]) ->
     from .generation import answer_ids, prompt_ids
 
     prompt = prompt_ids(lm.tokenizer, system, user)
-    examples = [Example.build(prompt, answer_ids(lm.tokenizer, label, lm.end_of_turn_id)) for label in labels]
-    scores = score(lm.model, examples, pad_id(lm.tokenizer), lm.device, batch_size=32)
-    logp = [-x for x in scores.loss]
+    answers = [answer_ids(lm.tokenizer, label, lm.end_of_turn_id) for label in labels]
+    logp = [-x for x in shared_prompt_losses(lm.model, prompt, answers, pad_id(lm.tokenizer), lm.device)]
     top = max(logp)
     weights = [math.exp(x - top) for x in logp]
     total = sum(weights)

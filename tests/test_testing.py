@@ -99,6 +99,27 @@ def test_teacher_forced_accuracy_agrees_with_greedy_generation(learned_run):
     assert sum(greedy) >= len(records) // 2  # a real check: most answers are right, not all trivially wrong
 
 
+def test_label_scores_with_a_shared_prompt_equal_scoring_each_label_alone(learned_run):
+    """06 --labels-only runs the prompt once and copies its cache for every label: same numbers as
+    scoring prompt + label as separate examples."""
+    from emojitune.generation import answer_ids, prompt_ids
+    from emojitune.modeling import load_model
+    from emojitune.paths import CheckpointDir
+    from emojitune.runs import base_model, trained_labels
+    from emojitune.scoring import Example, pad_id, score, shared_prompt_losses
+
+    cp = CheckpointDir(learned_run)
+    lm = load_model(base_model(cp, None)[0], "cpu", adapter=cp.adapter)
+    labels = trained_labels(cp) + ["☹️", "🫠", "a longer answer than any label"]
+    answers = [answer_ids(lm.tokenizer, label, lm.end_of_turn_id) for label in labels]
+    assert len({len(a) for a in answers}) > 1  # rows of different lengths: padding is exercised
+    for system, tweet in [(SYSTEM, TWEETS[0]), (None, TWEETS[1])]:
+        prompt = prompt_ids(lm.tokenizer, system, tweet)
+        alone = score(lm.model, [Example.build(prompt, a) for a in answers], pad_id(lm.tokenizer), lm.device).loss
+        shared = shared_prompt_losses(lm.model, prompt, answers, pad_id(lm.tokenizer), lm.device)
+        assert shared == pytest.approx(alone, rel=1e-4, abs=1e-4)
+
+
 def test_summary_numbers_on_a_hand_made_case():
     from emojitune.evaluation import summarize
 
