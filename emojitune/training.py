@@ -134,6 +134,18 @@ class TrainStep:
         return summed.detach() * weight, (sum(self.answer_len[i] for i in mine) if weight else 0)
 
 
+def check_data_parallel(acc) -> None:
+    """03 trains with plain data parallelism (DDP: a whole model copy per process), which suits Gemma 3
+    270M/1B on any GPU. Sharded engines need the optimizer and the adapter saving done their way, which
+    this loop does not do and we cannot test here: refuse them instead of training wrongly."""
+    sharded = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
+    kind = getattr(acc.distributed_type, "value", str(acc.distributed_type))
+    if kind in sharded:
+        raise UserError(f"accelerate is configured for {kind}, which 03_train_model.py does not support: it trains "
+                        "with plain data parallelism. Run `accelerate config` and choose multi-GPU without "
+                        "FSDP/DeepSpeed, or launch with `accelerate launch --multi_gpu --num_processes N`")
+
+
 @contextlib.contextmanager
 def deferred_interrupt():
     """Hold Ctrl+C until the block ends, so an epoch's files are never half written."""
@@ -272,6 +284,7 @@ class _Trainer:
         s, cp = self.s, self.cp
         device = resolve_device(s.device)
         self.acc = acc = Accelerator(cpu=device == "cpu")
+        check_data_parallel(acc)
         if acc.device.type == "cuda":  # under accelerate launch each process has its own GPU
             device = str(acc.device)
         state = None

@@ -195,3 +195,19 @@ def test_gradient_checkpointing_gives_the_same_numbers(tmp_path, tiny_model):
         results.append(train(cp, settings, log=lambda *a: None)["epochs"][0])
     assert results[0]["train_loss"] == pytest.approx(results[1]["train_loss"], abs=1e-5)
     assert results[0]["val_loss"] == pytest.approx(results[1]["val_loss"], abs=1e-5)
+
+
+def test_sharded_engines_are_refused_with_the_way_out():
+    """FSDP/DeepSpeed configs would leave the optimizer on unsharded parameters: 03 says so instead."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from emojitune.errors import UserError
+    from emojitune.training import check_data_parallel
+
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_data_parallel(SimpleNamespace(distributed_type=kind))
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(UserError, match=f"{kind.value}.*accelerate launch --multi_gpu"):
+            check_data_parallel(SimpleNamespace(distributed_type=kind))
