@@ -91,7 +91,10 @@ def end_of_turn_token(tokenizer) -> int:
     user = [{"role": "user", "content": "x"}]
     prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, return_dict=False)
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "y"}], return_dict=False)
-    special = set(tokenizer.all_special_ids)
+    # Gemma lists <end_of_turn> among its added special tokens, not always among the named ones
+    # (bos/eos/pad/extra), so both count.
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
     tail = [t for t in full[len(prompt):] if t in special]
     return tail[0] if tail else tokenizer.eos_token_id
 

@@ -29,6 +29,23 @@ def test_tiny_tokenizer_behaves_like_gemma(lm, tiny_model):
     assert gen.do_sample is True and lm.end_of_turn_id in gen.eos_token_id
 
 
+def test_end_of_turn_found_when_it_is_only_an_added_special_token(tiny_model, tmp_path):
+    """A tokenizer may mark <end_of_turn> special without naming it among bos/eos/pad/extra tokens:
+    training must still end answers with it, not with <eos>."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from emojitune.modeling import end_of_turn_token
+    from tiny_gemma import CHAT_TEMPLATE
+
+    full = AutoTokenizer.from_pretrained(tiny_model)
+    plain = PreTrainedTokenizerFast(tokenizer_object=full.backend_tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                    pad_token="<pad>", unk_token="<unk>")
+    plain.chat_template = CHAT_TEMPLATE
+    eot = plain.convert_tokens_to_ids("<end_of_turn>")
+    assert eot not in plain.all_special_ids
+    assert end_of_turn_token(plain) == eot
+
+
 def test_only_the_answer_and_end_of_turn_carry_loss(lm):
     [ex] = encode(lm, [Record(SYSTEM, "今日は最高", "😀")])
     prompt = prompt_ids(lm.tokenizer, SYSTEM, "今日は最高")
