@@ -80,3 +80,22 @@ def test_example_build_alignment():
     ex = Example.build([1, 2, 3], [7, 9])
     assert ex.input_ids == [1, 2, 3, 7, 9]
     assert ex.targets == [IGNORE, IGNORE, 7, 9, IGNORE]
+
+
+@pytest.mark.parametrize("rows", [3, 20])  # below and above SMALL_HEAD_ROWS: both gradient paths
+def test_cpu_output_layer_matches_plain_linear_with_gradients(rows):
+    import torch
+    import torch.nn.functional as F
+
+    from emojitune.scoring import SMALL_HEAD_ROWS, frozen_head_cpu
+
+    assert 3 < SMALL_HEAD_ROWS <= 20
+    torch.manual_seed(0)
+    weight = torch.randn(5000, 64)  # frozen, like the tied embedding under LoRA
+    h = torch.randn(rows, 64, requires_grad=True)
+    grad_out = torch.randn(rows, 5000)
+    fast = frozen_head_cpu(h, weight)
+    (fast_grad,) = torch.autograd.grad(fast, h, grad_out)
+    plain = F.linear(h, weight)
+    (plain_grad,) = torch.autograd.grad(plain, h, grad_out)
+    assert torch.allclose(fast, plain, atol=1e-4) and torch.allclose(fast_grad, plain_grad, atol=1e-3)
