@@ -114,3 +114,19 @@ def test_steps_out_of_order(tmp_path):
                       "no run to resume")
     r = run_script("03_train_model.py", "--device", "tpu", "--checkpoint-dir", tmp_path)
     assert r.returncode != 0 and "invalid choice: 'tpu'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_cached_hub_model_loads_without_the_network(tmp_path, tiny_model):
+    """Offline with the model in the Hugging Face cache: no retries against the hub (they took ~3 minutes)."""
+    import shutil
+
+    repo = tmp_path / "hf/hub/models--acme--tiny-gemma-it"
+    shutil.copytree(tiny_model, repo / "snapshots/0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text("0123abcd")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    r = run_script("06_test_finetuned_single.py", "--base", "--model", "acme/tiny-gemma-it", "--checkpoint-dir",
+                   tmp_path / "run", input="今日は最高\n", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.splitlines()) == 1
+    assert "Retry" not in r.stderr and "127.0.0.1" not in r.stderr, r.stderr[-2000:]
