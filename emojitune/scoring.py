@@ -195,7 +195,7 @@ def shared_prompt_losses(lm_model, prompt: list[int], answers: list[list[int]], 
     import torch
     from transformers import DynamicCache
 
-    if not prompt or min(map(len, answers)) < 2:  # not our answers (label + end of turn): the plain way
+    if min(map(len, answers)) < 2:  # not our answers (label + end of turn): the plain way
         return score(lm_model, [Example.build(prompt, a) for a in answers], pad, device, len(answers)).loss
     causal_lm = causal_lm_of(lm_model)
     was_training = lm_model.training
