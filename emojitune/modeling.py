@@ -47,12 +47,17 @@ def resolve_dtype(device: str):
     return torch.float32
 
 
+def is_hub_id(model_id: str) -> bool:
+    """owner/name that is not an existing path, such as google/gemma-3-270m-it; anything else is a folder."""
+    return (not model_id.startswith((".", "/", "~")) and model_id.count("/") == 1
+            and not Path(model_id).expanduser().exists())
+
+
 def check_model_source(model_id: str) -> None:
     """Fail fast on a local path that is not a model folder, before anything heavy loads."""
+    if is_hub_id(model_id):
+        return
     p = Path(model_id).expanduser()
-    looks_local = model_id.startswith((".", "/", "~")) or model_id.count("/") != 1 or p.exists()
-    if not looks_local:
-        return  # a hub id such as google/gemma-3-270m-it
     if not p.exists():
         raise UserError(f"--model {model_id}: no such folder (and not a hub id like google/gemma-3-270m-it): "
                         "check the path")
@@ -72,7 +77,7 @@ def cached_snapshot(model_id: str) -> Path | None:
 
     from huggingface_hub import snapshot_download
 
-    if Path(model_id).expanduser().exists() or model_id.count("/") != 1:
+    if not is_hub_id(model_id):
         return None
     try:
         folder = Path(snapshot_download(model_id, local_files_only=True))
