@@ -5,6 +5,7 @@ included), the argmax of the logits is the label's next token. So one forward pa
 gives both the loss and the accuracy, with no generate loop.
 """
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -159,16 +160,28 @@ def causal_lm_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+@contextlib.contextmanager
+def inference(lm_model):
+    """Eval mode (no dropout) and no autograd for a scoring pass; the model's mode is restored after."""
+    import torch
+
+    was_training = lm_model.training
+    lm_model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        lm_model.train(was_training)
+
+
 def score(lm_model, examples: list[Example], pad_id: int, device, batch_size: int = 16) -> Scores:
     """Teacher-forced loss and exact match per example, in batches sorted by length (little padding)."""
     import torch
 
     causal_lm = causal_lm_of(lm_model)
-    was_training = lm_model.training
-    lm_model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     loss, tokens, exact = [0.0] * len(examples), [0] * len(examples), [False] * len(examples)
-    with torch.no_grad():
+    with inference(lm_model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = collate([examples[i] for i in idx], pad_id, device)
@@ -180,7 +193,6 @@ def score(lm_model, examples: list[Example], pad_id: int, device, batch_size: in
             for j, i in enumerate(idx):
                 loss[i], tokens[i] = row_loss[j].item(), int(row_tokens[j].item())
                 exact[i] = bool(row_wrong[j].item() == 0)
-    lm_model.train(was_training)
     return Scores(loss, tokens, exact)
 
 
@@ -198,9 +210,7 @@ def shared_prompt_losses(lm_model, prompt: list[int], answers: list[list[int]], 
     if min(map(len, answers)) < 2:  # not our answers (label + end of turn): the plain way
         return score(lm_model, [Example.build(prompt, a) for a in answers], pad, device, len(answers)).loss
     causal_lm = causal_lm_of(lm_model)
-    was_training = lm_model.training
-    lm_model.eval()
-    with torch.no_grad():
+    with inference(lm_model):
         cache = DynamicCache(config=causal_lm.config)
         ids = torch.tensor([prompt], device=device)
         last = torch.full_like(ids, IGNORE)
@@ -213,7 +223,6 @@ def shared_prompt_losses(lm_model, prompt: list[int], answers: list[list[int]], 
         mask = torch.cat([torch.ones((len(rows), len(prompt)), dtype=mask.dtype, device=device), mask], 1)
         tok_loss, _, row_of = token_losses(causal_lm, ids, mask, targets, cache=cache)
         summed = first.index_add(0, row_of, tok_loss)
-    lm_model.train(was_training)
     return summed.tolist()
 
 
