@@ -115,7 +115,7 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
 
     from emojitune.modeling import load_model
     from emojitune.scoring import encode, pad_id
-    from emojitune.training import TrainStep, answer_loss_module, epoch_batches
+    from emojitune.training import TrainSettings, TrainStep, answer_loss_module, epoch_batches, optimizer_and_schedule
 
     torch.manual_seed(42)
     lm = load_model(str(model_path), "cpu" if not torch.cuda.is_available() else "cuda",
@@ -126,8 +126,7 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
     acc = Accelerator(cpu=lm.device == "cpu")
     examples = encode(lm, records)
     params = [p for p in lm.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, fused=lm.device.startswith("cuda"))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    opt, sched = optimizer_and_schedule(params, TrainSettings(), lm.device)
     module = acc.prepare(answer_loss_module(lm.model))
     step = TrainStep(acc, module, opt, sched, examples, pad_id(lm.tokenizer), 1.0)
     batches = epoch_batches([len(e.input_ids) for e in examples], batch_size, 42, 1)

@@ -102,6 +102,15 @@ def answer_loss_module(peft_model):
     return AnswerLoss(peft_model)
 
 
+def optimizer_and_schedule(params, settings: TrainSettings, device: str):
+    """AdamW (fused on CUDA) with a constant learning rate, as in the original recipe."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                  fused=device.startswith("cuda"))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
 class TrainStep:
     """One optimizer step on one global batch, shared by 03 and the benchmark."""
 
@@ -193,8 +202,6 @@ def _check_existing_run(cp, resume: bool, overwrite: bool) -> dict | None:
 
 def _settings_for_resume(settings: TrainSettings, explicit: set[str], previous: dict) -> TrainSettings:
     saved = previous["settings"]
-    if "model" in explicit and Path(settings.model).expanduser().is_dir():
-        settings.model = str(Path(settings.model).expanduser().resolve())
     clashes = [f"--{k.replace('_', '-')} {getattr(settings, k)} (run used {saved[k]})"
                for k in TrainSettings.FIXED_ON_RESUME if k in explicit and getattr(settings, k) != saved[k]]
     if clashes:
@@ -249,6 +256,8 @@ def train(cp, settings: TrainSettings, explicit: set[str] = frozenset(), resume:
     from .modeling import check_model_source, resolve_device
 
     settings.check()
+    if Path(settings.model).expanduser().is_dir():  # so 05/06 find it from any working folder
+        settings.model = str(Path(settings.model).expanduser().resolve())
     previous = _check_existing_run(cp, resume, overwrite)
     if previous is not None:
         settings = _settings_for_resume(settings, explicit, previous)
@@ -260,8 +269,6 @@ def train(cp, settings: TrainSettings, explicit: set[str] = frozenset(), resume:
                         "start over with --overwrite")
     check_model_source(settings.model)
     resolve_device(settings.device)
-    if Path(settings.model).expanduser().is_dir():  # so 05/06 find it from any working folder
-        settings.model = str(Path(settings.model).expanduser().resolve())
     return _Trainer(cp, settings, previous, train_records, val_records, data_hashes, log).run()
 
 
@@ -309,9 +316,7 @@ class _Trainer:
         train_ex = _encode_all(lm, self.train_records, cp.train, s.max_length)
         val_ex = _encode_all(lm, self.val_records, cp.val, s.max_length)
         params = [p for p in lm.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay,
-                                      fused=lm.device.startswith("cuda"))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant
+        optimizer, scheduler = optimizer_and_schedule(params, s, lm.device)
         epochs = []
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
