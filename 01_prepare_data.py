@@ -5,11 +5,11 @@
 """
 
 import argparse
-import sys
 
 from emojitune import DEFAULT_SYSTEM_PROMPT
 from emojitune.cli import add_checkpoint_dir, checkpoint_dir
-from emojitune.errors import run_main
+from emojitune.console import run_main
+from emojitune.data import prepare
 
 DEFAULT_INPUT = "training_data_emotion_jp.json"
 
@@ -27,11 +27,7 @@ def main():
                    help="change the data even though a trained adapter in --checkpoint-dir was made from it")
     add_checkpoint_dir(p)
     args = p.parse_args()
-
-    from emojitune.data import prepare
-
-    prepare(args.input, checkpoint_dir(args), system=args.system, labels=args.labels,
-            overwrite=args.overwrite, warn=lambda m: print(m, file=sys.stderr))
+    prepare(args.input, checkpoint_dir(args), system=args.system, labels=args.labels, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

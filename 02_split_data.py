@@ -6,23 +6,20 @@
 
 import argparse
 
-from emojitune.cli import add_checkpoint_dir, checkpoint_dir
-from emojitune.errors import run_main
+from emojitune.cli import add_checkpoint_dir, add_options, checkpoint_dir, options_from_args
+from emojitune.console import run_main
+from emojitune.split import SplitSettings, split
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--test-size", type=float, default=0.2,
-                   help="share of each label that goes to validation, at least one per label (default: 0.2)")
-    p.add_argument("--seed", type=int, default=42, help="random seed of the split (default: 42)")
+    add_options(p, SplitSettings)
     p.add_argument("--overwrite", action="store_true",
                    help="change the split even though a trained adapter in --checkpoint-dir was made from it")
     add_checkpoint_dir(p)
     args = p.parse_args()
-
-    from emojitune.split import split
-
-    split(checkpoint_dir(args), test_size=args.test_size, seed=args.seed, overwrite=args.overwrite)
+    settings, _ = options_from_args(SplitSettings, args)
+    split(checkpoint_dir(args), settings, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 import argparse
 
 from emojitune.cli import add_checkpoint_dir, checkpoint_dir
-from emojitune.errors import run_main
+from emojitune.console import run_main
+from emojitune.plotting import plot_loss
 
 
 def main():
@@ -15,9 +16,6 @@ def main():
     add_checkpoint_dir(p)
     p.add_argument("--show", action="store_true", help="open a window with the plot (default: only write the PNG)")
     args = p.parse_args()
-
-    from emojitune.plotting import plot_loss
-
     plot_loss(checkpoint_dir(args), show=args.show)
 
 

@@ -10,34 +10,31 @@ Every input is sent as a fresh conversation (system prompt + that tweet only, no
 
 import argparse
 
-from emojitune.cli import add_checkpoint_dir, add_device, add_generation, add_model, checkpoint_dir
-from emojitune.errors import run_main
+from emojitune.cli import (add_checkpoint, add_checkpoint_dir, add_device, add_model, add_options, add_system,
+                           checkpoint_dir, options_from_args)
+from emojitune.console import run_main
+from emojitune.generation import Sampling
+from emojitune.tester import run_tester
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_dir(p)
-    add_model(p, default=None, help_extra=" (default: the base model in checkpoints/run.json)")
+    add_model(p)
     add_device(p)
-    p.add_argument("--checkpoint", default="last",
-                   help="which adapter: last (checkpoints/adapter), best (lowest val loss) or epoch-N (default: last)")
+    add_checkpoint(p)
     p.add_argument("--base", action="store_true", help="test the base model without any adapter")
-    p.add_argument("--system", default=None,
-                   help="system prompt sent with every input (default: the one the adapter was trained with, "
-                        "from checkpoints/run.json; '' sends none)")
+    add_system(p)
     p.add_argument("--labels-only", action="store_true",
                    help="answer only with a label seen in training, the one the model finds most likely")
     p.add_argument("--top", type=int, default=0, metavar="K",
                    help="print the K most likely trained labels with probabilities (implies --labels-only)")
-    add_generation(p)
+    add_options(p, Sampling, group=True)
     args = p.parse_args()
-
-    from emojitune.generation import Sampling
-    from emojitune.tester import run_tester
-
+    sampling, _ = options_from_args(Sampling, args)
     run_tester(checkpoint_dir(args), checkpoint=args.checkpoint, base=args.base, model=args.model,
-               system=args.system, device=args.device, sampling=Sampling.from_args(args),
-               labels_only=args.labels_only, top=args.top)
+               system=args.system, device=args.device, sampling=sampling, labels_only=args.labels_only,
+               top=args.top)
 
 
 if __name__ == "__main__":

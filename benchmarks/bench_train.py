@@ -109,13 +109,15 @@ def useful_gflop(lengths: list[int], answers: list[int], cfg=GEMMA_3_270M, r: in
 # ---- the measured pieces ---------------------------------------------------------------------------
 
 def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkpointing=False):
+    """03's own training step (training.train_step) on this model, after one warm-up step."""
     import torch
     from accelerate import Accelerator
     from peft import LoraConfig
 
+    from emojitune.chat import encode, pad_id
+    from emojitune.loss import answer_loss_module
     from emojitune.modeling import load_model
-    from emojitune.scoring import encode, pad_id
-    from emojitune.training import TrainSettings, TrainStep, answer_loss_module, epoch_batches, optimizer_and_schedule
+    from emojitune.training import TrainSettings, epoch_batches, make_optimizer, train_step
 
     torch.manual_seed(42)
     lm = load_model(str(model_path), "cpu" if not torch.cuda.is_available() else "cuda",
@@ -123,12 +125,17 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
     if gradient_checkpointing:
         lm.model.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    acc = Accelerator(cpu=lm.device == "cpu")
+    accelerator = Accelerator(cpu=lm.device == "cpu")
     examples = encode(lm, records)
     params = [p for p in lm.model.parameters() if p.requires_grad]
-    opt, sched = optimizer_and_schedule(params, TrainSettings(), lm.device)
-    module = acc.prepare(answer_loss_module(lm.model))
-    step = TrainStep(acc, module, opt, sched, examples, pad_id(lm.tokenizer), 1.0)
+    optimizer = make_optimizer(params, TrainSettings(), lm.device)
+    loss_module = accelerator.prepare(answer_loss_module(lm.model))
+    answer_tokens = [e.answer_tokens for e in examples]
+    pad = pad_id(lm.tokenizer)
+
+    def step(batch):
+        return train_step(accelerator, loss_module, optimizer, examples, batch, answer_tokens, pad, 1.0)
+
     batches = epoch_batches([len(e.input_ids) for e in examples], batch_size, 42, 1)
     step(batches[0])  # warm-up: first-call allocations are not the steady state
     todo, n, lengths, answers = [], 0, [], []
@@ -147,7 +154,7 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
     seconds = time.perf_counter() - start
     for b in todo:
         lengths += [len(examples[i].input_ids) for i in b]
-        answers += [step.answer_len[i] for i in b]
+        answers += [answer_tokens[i] for i in b]
     return seconds / n, useful_gflop(lengths, answers) / n, peak_memory(lm.device)
 
 
@@ -199,9 +206,10 @@ def peak_memory(device: str) -> float:
 def time_eval_and_answer(model_path, train_records, val_records):
     import torch
 
+    from emojitune.chat import encode, pad_id
     from emojitune.generation import Sampling, generate
     from emojitune.modeling import load_model
-    from emojitune.scoring import encode, label_probabilities, pad_id, score
+    from emojitune.scoring import label_probabilities, score
 
     lm = load_model(str(model_path), "cuda" if torch.cuda.is_available() else "cpu")
     val = encode(lm, val_records)
@@ -230,6 +238,7 @@ def time_eval_and_answer(model_path, train_records, val_records):
 
 def whole_process(model_path, train_records, val_records, tmp: Path) -> list[tuple[str, float]]:
     """Whole processes (imports, load, train 1 epoch, evaluate, save) on the same 48 training tweets."""
+    from emojitune.checkpoints import CheckpointDir, write_bytes
     from emojitune.data import encode_records
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -239,12 +248,11 @@ def whole_process(model_path, train_records, val_records, tmp: Path) -> list[tup
              [sys.executable, str(ROOT / "03_train_model.py"), "--batch-size", "16"])]
     out = []
     for i, (name, cmd) in enumerate(runs):
-        d = tmp / f"whole-{i}"
-        (d / "data").mkdir(parents=True)
-        (d / "data/train.json").write_bytes(encode_records(train_records[:48]))
-        (d / "data/val.json").write_bytes(encode_records(val_records[:12]))
+        d = CheckpointDir(tmp / f"whole-{i}")
+        write_bytes(d.train, encode_records(train_records[:48]))
+        write_bytes(d.val, encode_records(val_records[:12]))
         start = time.perf_counter()
-        subprocess.run(cmd + ["--model", str(model_path), "--epochs", "1", "--checkpoint-dir", str(d)],
+        subprocess.run(cmd + ["--model", str(model_path), "--epochs", "1", "--checkpoint-dir", str(d.root)],
                        check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out.append((name, time.perf_counter() - start))
     return out

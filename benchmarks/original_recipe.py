@@ -10,8 +10,12 @@ Reads DIR/data/train.json and val.json (written by 01/02); writes to DIR/origina
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from emojitune.checkpoints import CheckpointDir  # noqa: E402
 
 
 def messages_dataset(path: Path):
@@ -49,12 +53,12 @@ def main():
     p.add_argument("--checkpoint-dir", default="checkpoints")
     p.add_argument("--epochs", type=int, default=1)
     args = p.parse_args()
-    d = Path(args.checkpoint_dir)
+    cp = CheckpointDir(args.checkpoint_dir)
+    out = cp.root / "original-recipe"  # the benchmark's own output, outside the layout 04-06 read
     start = time.time()
-    trainer = build_trainer(args.model, d / "data/train.json", d / "data/val.json", d / "original-recipe",
-                            args.epochs)
+    trainer = build_trainer(args.model, cp.train, cp.val, out, args.epochs)
     trainer.train()
-    trainer.save_model(str(d / "original-recipe/adapter"))
+    trainer.save_model(str(out / "adapter"))
     print(f"original recipe: {time.time() - start:.1f}s after imports")
 
 

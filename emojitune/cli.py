@@ -1,26 +1,61 @@
-"""Command-line flags shared by the numbered scripts, defined once."""
+"""Command-line flags: built from the dataclasses that hold the defaults, and the flags every script
+shares, each defined once."""
 
 import argparse
+from dataclasses import field, fields
 
 from . import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL
-from .paths import CheckpointDir
+from .checkpoints import CheckpointDir
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+def option(default, help: str, shown: str | None = None):
+    """A dataclass field that is also a command-line flag: its default and help live here only."""
+    return field(default=default, metadata={"help": help, "shown": shown})
+
+
+def add_options(p, cls, defaults_after_parse: bool = False, group: bool = False) -> None:
+    """One flag per `option` field of cls: `lora_r` becomes `--lora-r`, typed from its default.
+    With defaults_after_parse the flags default to None, so the caller can tell which were given.
+    With group, the flags are listed under the class docstring in --help."""
+    if group:
+        p = p.add_argument_group(cls.__doc__.strip())
+    for f in fields(cls):
+        if "help" not in f.metadata:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"].replace("%", "%%")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", default=None if defaults_after_parse else False, help=text)
+            continue
+        shown = f.metadata["shown"] or (f"{f.default:g}" if isinstance(f.default, float) else f.default)
+        p.add_argument(flag, type=type(f.default), default=None if defaults_after_parse else f.default,
+                       help=f"{text} (default: {shown})")
+
+
+def options_from_args(cls, args, **extra):
+    """An instance of cls from parsed flags; flags left at None keep the dataclass default."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls)
+             if "help" in f.metadata and getattr(args, f.name, None) is not None}
+    return cls(**given, **extra), set(given)
+
+
 def add_checkpoint_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR, metavar="DIR",
-                   help=f"folder shared by all steps (default: {DEFAULT_CHECKPOINT_DIR})")
+                   help=f"the folder all steps share (default: {DEFAULT_CHECKPOINT_DIR})")
 
 
 def checkpoint_dir(args) -> CheckpointDir:
     return CheckpointDir(args.checkpoint_dir)
 
 
-def add_model(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL, help_extra: str = "") -> None:
-    shown = f" (default: {default})" if default else ""
-    p.add_argument("--model", default=default, metavar="ID_OR_PATH",
-                   help=f"Hugging Face model id or a local model folder{shown}{help_extra}")
+def add_model(p: argparse.ArgumentParser, for_training: bool = False) -> None:
+    shown = f"the one in DIR/run.json, else {DEFAULT_MODEL}"
+    if for_training:
+        shown = f"for a new run {DEFAULT_MODEL}; a rerun in DIR uses the one in DIR/run.json"
+    p.add_argument("--model", default=None, metavar="ID_OR_PATH",
+                   help=f"base model: a Hugging Face model id or a local model folder (default: {shown})")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -28,10 +63,14 @@ def add_device(p: argparse.ArgumentParser) -> None:
                    help="auto picks cuda, then mps, then cpu (default: auto)")
 
 
-def add_generation(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (greedy unless --temperature > 0)")
-    g.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit in tokens (default: 16)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling share (default: 1.0, off)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0, off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0, off)")
+def add_checkpoint(p: argparse.ArgumentParser, what: str = "which adapter") -> None:
+    # Not --checkpoint-dir: that is the whole folder; this picks one adapter inside it.
+    p.add_argument("--checkpoint", default="last", metavar="last|best|epoch-N",
+                   help=f"{what} in DIR: last (DIR/adapter, written when 03 finishes), best (the epoch with the "
+                        "lowest val loss) or epoch-N (default: last)")
+
+
+def add_system(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="system prompt sent with every tweet (default: the one the adapter was trained with, from "
+                        "DIR/run.json; before any training, that of DIR/data/train.json; '' sends none)")

@@ -7,8 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 from . import DEFAULT_SYSTEM_PROMPT
+from .checkpoints import read_json, refuse_data_change, write_bytes
+from .console import UserError, log, warn
 from .emoji import count_emojis_hint, is_single_emoji
-from .errors import UserError
 
 ROLES = ("system", "user", "assistant")
 # Column (or key) names accepted for CSV/TSV files and for flat JSON records.
@@ -31,7 +32,7 @@ class Record:
         return {"messages": messages}
 
 
-def where(number: int, line: int | None = None) -> str:
+def record_name(number: int, line: int | None = None) -> str:
     """How a record is named in messages: counted from 1, with its 0-based index and line if known."""
     text = f"record {number} (index {number - 1}"
     return text + (f", line {line})" if line else ")")
@@ -226,7 +227,7 @@ def load_records(path: Path, system_override: str | None = None) -> list[Record]
     records, problems = [], []
     for number, (line, raw) in enumerate(parse_file(path), 1):
         record, found = validate_record(raw, system_override)
-        problems += [f"{where(number, line)}: {p}" for p in found]
+        problems += [f"{record_name(number, line)}: {p}" for p in found]
         if record is not None:
             records.append(record)
     if problems:
@@ -244,7 +245,7 @@ def drop_duplicates(records: list[Record]) -> tuple[list[Record], list[str]]:
         if r.user in seen:
             first, label = seen[r.user]
             extra = "" if label == r.label else f" with a different label ({r.label} vs {label}; kept {label})"
-            warnings.append(f"{where(number)} repeats the tweet of record {first}{extra}: dropped")
+            warnings.append(f"{record_name(number)} repeats the tweet of record {first}{extra}: dropped")
             continue
         seen[r.user] = (number, r.label)
         kept.append(r)
@@ -307,8 +308,6 @@ def format_counts(counts: Counter, columns: dict[str, Counter] | None = None) ->
 
 def records_from_json(path: Path, hint: str) -> list[Record]:
     """Read a messages file this tool wrote (prepared/train/val), as Records."""
-    from .files import read_json
-
     data = read_json(path, hint)
     if not isinstance(data, list):
         raise UserError(f"{path} is not a list of records: {hint}")
@@ -316,9 +315,14 @@ def records_from_json(path: Path, hint: str) -> list[Record]:
     for number, raw in enumerate(data, 1):
         record, problems = validate_record(raw, None)
         if problems:
-            raise UserError(f"{path}: {where(number)}: {problems[0]}: {hint}")
+            raise UserError(f"{path}: {record_name(number)}: {problems[0]}: {hint}")
         records.append(record)
     return records
+
+
+def training_system_prompt(records: list[Record]) -> str | None:
+    """The system prompt of the training data (the most common one, if records differ)."""
+    return Counter(r.system for r in records).most_common(1)[0][0]
 
 
 def records_to_json(records: list[Record]) -> list[dict]:
@@ -330,30 +334,14 @@ def encode_records(records: list[Record]) -> bytes:
     return (json.dumps(records_to_json(records), ensure_ascii=False, indent=2) + "\n").encode("utf-8")
 
 
-def refuse_data_change(cp, new_files: dict[Path, bytes], overwrite: bool, step: str) -> None:
-    """Refuse to change data files a trained adapter in cp was made from, unless --overwrite."""
-    if overwrite or not cp.has_trained_adapter():
-        return
-    changed = [p for p, data in new_files.items() if not p.exists() or p.read_bytes() != data]
-    if changed:
-        raise UserError(
-            f"{cp.root} holds a training run made from the current data; this {step} would change "
-            f"{', '.join(str(p) for p in changed)} under it: pass --overwrite to replace the data anyway "
-            "(the adapter then no longer matches it), or use another --checkpoint-dir"
-        )
-
-
 def prepare(input_path: Path, cp, system: str | None = None, labels: str | None = None,
-            overwrite: bool = False, log=print, warn=None) -> list[Record]:
+            overwrite: bool = False) -> list[Record]:
     """01: read, validate and normalise the user's file; write DIR/data/prepared.json."""
-    from .files import write_bytes
-
-    warn = warn or log
     wanted = parse_labels(labels) if labels is not None else None
     records = load_records(input_path, system)
     records, dup_warnings = drop_duplicates(records)
     for w in dup_warnings:
-        warn(f"warning: {input_path}: {w}")
+        warn(f"{input_path}: {w}")
     if wanted is not None:
         records = filter_labels(records, wanted, input_path)
     counts = label_counts(records)
@@ -364,6 +352,6 @@ def prepare(input_path: Path, cp, system: str | None = None, labels: str | None 
         f"{len(counts)} labels")
     log(format_counts(counts))
     for w in label_warnings(counts):
-        warn(f"warning: {w}")
+        warn(w)
     log(f"wrote {cp.prepared}")
     return records

@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
+from .checkpoints import CheckpointDir, write_json
+from .console import UserError, log
+from .data import load_records, records_from_json
 from .emoji import is_single_emoji
-from .errors import UserError
-from .files import write_json
-from .runs import base_model, resolve_checkpoint, system_prompt, train_records
+from .generation import Sampling, generate_batch
+from .session import as_base_model, load, resolve_setup, train_records
 
 
 def summarize(answers: list[str], expected: list[str], labels: set[str]) -> dict:
@@ -29,14 +31,9 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def evaluate(cp, *, input_path: Path | None = None, limit: int | None = None, compare: bool = False,
+def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | None = None, compare: bool = False,
              model: str | None = None, checkpoint: str = "last", system: str | None = None,
-             device: str = "auto", sampling=None, log=print) -> dict:
-    from .data import load_records, records_from_json
-    from .generation import Sampling, generate_batch
-    from .modeling import check_model_source, load_model, resolve_device
-
-    sampling = sampling or Sampling()
+             device: str = "auto", sampling: Sampling = Sampling()) -> dict:
     sampling.check()
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit} must be 1 or more")
@@ -48,33 +45,28 @@ def evaluate(cp, *, input_path: Path | None = None, limit: int | None = None, co
     else:
         records = load_records(input_path)
     records = records[:limit] if limit else records
-    adapter = resolve_checkpoint(cp, checkpoint) if compare else None
-    model_id, model_from = base_model(cp, model)
-    check_model_source(model_id)
-    resolve_device(device)
-    system, system_from = system_prompt(cp, system)
+    setup = resolve_setup(cp, model=model, checkpoint=checkpoint if compare else None, system=system)
     trained = train_records(cp)
     labels = {r.label for r in (trained or records)}
     labels_from = str(cp.train) if trained else f"{input_path} (no {cp.train} yet)"
 
     tweets, expected = [r.user for r in records], [r.label for r in records]
-    log(f"{len(records)} tweets from {input_path}; system prompt ({system_from}): {system or '(none)'}")
+    log(f"{len(records)} tweets from {input_path}; system prompt ({setup.system_from}): {setup.system or '(none)'}")
     log(f"trained labels from {labels_from}: {len(labels)}")
-    runs = {"base": (model_id, None)}
-    if compare:
-        runs["tuned"] = (model_id, adapter)
+    lm = load(setup, device)  # one load: the tuned answers with the adapter, the base answers without it
+    adapter = f" + {setup.adapter}" if setup.adapter else ""
+    log(f"model: {setup.model_id}{adapter} ({setup.model_from}) on {lm.device}")
     answers = {}
-    for name, (mid, adp) in runs.items():
-        lm = load_model(mid, device, adapter=adp)
-        log(f"{name}: {mid}{' + ' + str(adp) if adp else ''} ({model_from}) on {lm.device}")
-        answers[name] = generate_batch(lm, system, tweets, sampling)
-        del lm
+    with as_base_model(lm):
+        answers["base"] = generate_batch(lm, setup.system, tweets, sampling)
+    if compare:
+        answers["tuned"] = generate_batch(lm, setup.system, tweets, sampling)
     summaries = {name: summarize(a, expected, labels) for name, a in answers.items()}
     results = []
     for i, (tweet, exp) in enumerate(zip(tweets, expected)):
         row = {"tweet": tweet, "expected": exp}
         cells = []
-        for name in runs:
+        for name in answers:
             a = answers[name][i]
             row[name] = a
             row[f"{name}_correct"] = a == exp
@@ -84,8 +76,8 @@ def evaluate(cp, *, input_path: Path | None = None, limit: int | None = None, co
     for name, s in summaries.items():
         log(format_summary(name, s))
     out = cp.eval_compare if compare else cp.eval_base
-    write_json(out, {"base_model": model_id, "adapter": str(adapter) if adapter else None,
-                     "system_prompt": system, "input": str(input_path), "max_new_tokens": sampling.max_new_tokens,
+    write_json(out, {"base_model": setup.model_id, "adapter": str(setup.adapter) if setup.adapter else None,
+                     "system_prompt": setup.system, "input": str(input_path), "max_new_tokens": sampling.max_new_tokens,
                      "summary": summaries, "results": results})
     log(f"wrote {out}")
     return {"summary": summaries, "results": results}

@@ -1,54 +1,40 @@
-"""The one generation path: a fresh [system?, user] conversation → token ids → the model's answer.
-
-Used by 03 (through scoring), 05 and 06. No chat history is ever sent: a model trained on single
-turns drifts into repeating one emoji when earlier turns are in its context.
-"""
+"""Generating answers: each tweet as a fresh [system?, user] conversation, greedy unless asked to sample.
+Used by 05 and 06."""
 
 from dataclasses import dataclass
 
-
-def conversation(system: str | None, user: str) -> list[dict]:
-    messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": user}]
-
-
-def prompt_ids(tokenizer, system: str | None, user: str) -> list[int]:
-    """Chat template straight to ids: rendering to a string and tokenizing it again would add a second
-    <bos> (the template writes one, and the tokenizer adds its own)."""
-    return list(tokenizer.apply_chat_template(conversation(system, user), add_generation_prompt=True,
-                                              return_dict=False))
-
-
-def answer_ids(tokenizer, answer: str, end_of_turn_id: int) -> list[int]:
-    """The tokens the model should produce after the prompt: the answer, then the end of its turn."""
-    return tokenizer.encode(answer, add_special_tokens=False) + [end_of_turn_id]
+from .chat import prompt_ids
+from .cli import option
+from .console import UserError
 
 
 @dataclass
 class Sampling:
-    max_new_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    """generation (greedy unless --temperature > 0)"""
 
-    @classmethod
-    def from_args(cls, args) -> "Sampling":
-        return cls(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    max_new_tokens: int = option(16, "answer length limit in tokens")
+    temperature: float = option(0.0, "0 = greedy; above 0 samples")
+    top_p: float = option(1.0, "nucleus sampling share, used only when sampling (1.0 = off)")
+    top_k: int = option(0, "sample from the k most likely tokens, used only when sampling (0 = off)")
+    repetition_penalty: float = option(1.0, "penalty for repeating tokens (1.0 = off)")
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.max_new_tokens < 1:
+            found.append(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if not self.temperature >= 0:
+            found.append(f"--temperature {self.temperature} must be 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            found.append(f"--top-p {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            found.append(f"--top-k {self.top_k} must be 0 (off) or more")
+        if not self.repetition_penalty > 0:
+            found.append(f"--repetition-penalty {self.repetition_penalty} must be above 0")
+        return found
 
     def check(self) -> None:
-        from .errors import UserError
-
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise UserError(f"--temperature {self.temperature} must be 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p {self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise UserError(f"--top-k {self.top_k} must be 0 (off) or more")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"--repetition-penalty {self.repetition_penalty} must be above 0")
+        if self.problems():
+            raise UserError("; ".join(self.problems()))
 
 
 def generation_config(lm, sampling: Sampling):

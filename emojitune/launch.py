@@ -1,17 +1,10 @@
-"""`accelerate launch --num_processes N` on a machine without GPUs: make the N processes exist.
-
-accelerate's simple launcher, which it picks when no GPU is present, starts ONE process even when
-asked for several (its multi-CPU path needs MPI). Its torchrun-based launcher (`--multi_gpu`) runs
-CPU processes with the gloo backend fine. When we detect the first case we hand the same command
-over to that launcher, so the documented command does what it says. Distribution itself stays
-accelerate's and torch's.
-"""
+"""`accelerate launch --num_processes N` on a machine without GPUs: make the N processes exist."""
 
 import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .console import UserError
 
 
 def _requested_processes(cmdline: list[str]) -> int | None:
@@ -24,15 +17,19 @@ def _requested_processes(cmdline: list[str]) -> int | None:
     return None
 
 
-def single_process_launch_of_many() -> bool:
-    """True in a process started by accelerate's simple launcher for more than one process: it sets
+def started_alone_by_accelerate() -> bool:
+    """True in a process that accelerate's simple launcher started for more than one process: it sets
     MASTER_ADDR only when asked for several, while real multi-process launchers set WORLD_SIZE."""
     return ("ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
             and "WORLD_SIZE" not in os.environ)
 
 
-def ensure_requested_processes(script: str) -> None:
-    if not single_process_launch_of_many():
+def relaunch_with_torchrun_on_cpu(script: str) -> None:
+    """Without GPUs, `accelerate launch --num_processes N` starts ONE process (its multi-CPU launcher
+    needs MPI), so the documented command would silently train alone. accelerate has no flag for this
+    case other than `--multi_gpu`, whose torchrun launcher runs CPU processes with gloo: we replace
+    this process by that launch of the same command (the parent's command line gives N)."""
+    if not started_alone_by_accelerate():
         return
     fix = ("accelerate started a single process; on a machine without GPUs run: uv run accelerate launch "
            f"--multi_gpu --num_processes N {Path(script).name} ...")

@@ -1,9 +1,15 @@
 """The one place that loads models: base or base + LoRA adapter, device, dtype, attention, errors."""
 
+import contextlib
+import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
-from .errors import UserError
+from . import DEFAULT_MODEL
+from .console import UserError
 
 _SUGGEST = "or download the model and pass its folder with --model PATH"
 
@@ -16,6 +22,10 @@ class LoadedModel:
     dtype: object
     end_of_turn_id: int  # the token that closes the model's turn (<end_of_turn> for Gemma)
     model_id: str
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
 
 def resolve_device(name: str) -> str:
@@ -38,8 +48,8 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(device: str):
-    """float32 on CPU: CPUs without native bf16 run bf16 matmuls many times slower (measured on a 2-core
-    AVX2 CPU: 0.5 vs 187 GFLOP/s). bf16 on CUDA GPUs that support it. float32 on MPS, where bf16 support varies."""
+    """float32 on CPU: CPUs without native bf16 run bf16 matmuls many times slower. bf16 on CUDA GPUs
+    that support it. float32 on MPS, where bf16 support varies."""
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -59,35 +69,35 @@ def check_model_source(model_id: str) -> None:
         return
     p = Path(model_id).expanduser()
     if not p.exists():
-        raise UserError(f"--model {model_id}: no such folder (and not a hub id like google/gemma-3-270m-it): "
+        raise UserError(f"--model {model_id}: no such folder (and not a hub id like {DEFAULT_MODEL}): "
                         "check the path")
     if not (p / "config.json").is_file():
         raise UserError(f"--model {model_id}: the folder has no config.json, so it is not a model folder: "
                         "pass the folder that holds config.json and the model's .safetensors")
+    if not any(p.glob("*.safetensors")):
+        raise UserError(f"--model {model_id}: no .safetensors weights found; this tool does not load pickled "
+                        ".bin weights: convert the model to safetensors")
 
 
 def cached_snapshot(model_id: str) -> Path | None:
     """The complete local copy of a hub model in the Hugging Face cache, if there is one.
 
-    Loading a hub id makes transformers ask the hub for newer files first; offline, its retries took
-    almost 3 minutes here before it fell back to the cache. A model that is fully cached loads from
-    its folder with no network at all (the cached revision: `hf download` refreshes it).
+    Loading a hub id makes transformers ask the hub for newer files first, and offline it retries for
+    minutes before falling back to the cache. A fully cached model loads from its folder with no network
+    at all (the cached revision: `hf download` refreshes it).
     """
-    import json
-
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    if not is_hub_id(model_id):
-        return None
     try:
         folder = Path(snapshot_download(model_id, local_files_only=True))
-    except Exception:  # not cached (or a cache layout we do not know): let transformers fetch it
+    except LocalEntryNotFoundError:  # not cached: transformers will download it
         return None
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weights = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError):
+        except (OSError, ValueError, KeyError, AttributeError):  # a damaged index: let transformers decide
             return None
     else:
         weights = {"model.safetensors"}
@@ -96,28 +106,46 @@ def cached_snapshot(model_id: str) -> Path | None:
     return folder if has_tokenizer and all((folder / name).is_file() for name in needed) else None
 
 
-def _explain_load_error(model_id: str, exc: BaseException) -> str:
-    """Say why a hub model could not be loaded: gated, not found, or offline/not cached."""
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the hub be reached at all? Without this check an offline download retries for about a minute
+    before it fails. Behind a proxy only the hub client knows the way, so we do not guess."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:  # no route, no DNS, refused, timed out
+        return False
+    return True
+
+
+def _offline_message(model_id: str) -> str:
+    return (f"--model {model_id}: not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline?): connect once to download it, {_SUGGEST}")
+
+
+def _explain_load_error(model_id: str, error: OSError) -> str:
+    """Say why a hub model could not be loaded, from the hub client's exception in the cause chain."""
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    chain, e = [], exc
+    chain, e = [], error
     while e is not None and len(chain) < 20:
         chain.append(e)
         e = e.__cause__ or e.__context__
-    text = " ".join(str(x) for x in chain).lower()
-    if any(isinstance(x, GatedRepoError) for x in chain) or "gated repo" in text:
+    if any(isinstance(x, GatedRepoError) for x in chain):
         return (f"--model {model_id} is a gated model: accept its licence on https://huggingface.co/{model_id} "
                 f"while logged in, then run `hf auth login` with a token, {_SUGGEST}")
-    if any(isinstance(x, RepositoryNotFoundError) for x in chain) or "is not a valid model identifier" in text:
+    if any(isinstance(x, RepositoryNotFoundError) for x in chain):
         return (f"--model {model_id}: no such model on the Hugging Face hub (or it is private): check the id, "
                 f"{_SUGGEST}")
-    if any(isinstance(x, (LocalEntryNotFoundError, ConnectionError)) for x in chain) or "connect" in text:
-        return (f"--model {model_id}: not in the local Hugging Face cache and the hub cannot be reached "
-                f"(offline?): connect once to download it, {_SUGGEST}")
-    if "safetensors" in text:
-        return (f"--model {model_id}: no .safetensors weights found; this tool does not load pickled "
-                ".bin weights: convert the model to safetensors")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if any(isinstance(x, (LocalEntryNotFoundError, ConnectionError)) for x in chain):
+        return _offline_message(model_id)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"--model {model_id} could not be loaded ({first}): {_SUGGEST}"
 
 
@@ -134,50 +162,67 @@ def end_of_turn_token(tokenizer) -> int:
     return tail[0] if tail else tokenizer.eos_token_id
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """Hide the libraries' deprecation notes and their notes on generation flags we set on purpose,
+    for the duration of a load or a generation only; real errors still raise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_model(model_id: str, device: str = "auto", *, adapter: Path | None = None, lora=None,
                training: bool = False) -> LoadedModel:
     """Load a base model and tokenizer, optionally with a saved LoRA adapter or a new LoRA (`lora`)."""
-    import warnings
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # Library deprecation chatter and notes about generation flags we override are not the user's
-    # business; real errors still raise.
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
     check_model_source(model_id)
     device = resolve_device(device)
+    if adapter is not None and not (Path(adapter) / "adapter_model.safetensors").is_file():
+        raise UserError(f"{adapter}: no adapter_model.safetensors in it: pick a folder written by "
+                        "03_train_model.py")
+    source = model_id
+    if is_hub_id(model_id):
+        source = cached_snapshot(model_id)
+        if source is None and not hub_reachable():
+            raise UserError(_offline_message(model_id))
+        source = source or model_id
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     dtype = resolve_dtype(device)
-    source = cached_snapshot(model_id) or model_id
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=dtype,
-            # Gemma 3 is trained with eager attention (its model card's advice); inference uses the
-            # library default, as plain transformers code would.
-            attn_implementation="eager" if training else None,
-            use_safetensors=True,
-            trust_remote_code=False,
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(_explain_load_error(model_id, e)) from None
-    if not tokenizer.chat_template:
-        raise UserError(f"--model {model_id} has no chat template: use an instruction-tuned model such as "
-                        "google/gemma-3-270m-it")
-    if adapter is not None:
-        from peft import PeftModel
+    with quiet_libraries():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=dtype,
+                # Gemma 3 is trained with eager attention (its model card's advice); inference uses the
+                # library default, as plain transformers code would.
+                attn_implementation="eager" if training else None,
+                use_safetensors=True,
+                trust_remote_code=False,
+            )
+        except OSError as e:  # the hub client's errors and missing files are all OSErrors
+            raise UserError(_explain_load_error(model_id, e)) from None
+        if not tokenizer.chat_template:
+            raise UserError(f"--model {model_id} has no chat template: use an instruction-tuned model such as "
+                            f"{DEFAULT_MODEL}")
+        if adapter is not None:
+            from peft import PeftModel
 
-        adapter = Path(adapter)
-        if not (adapter / "adapter_model.safetensors").is_file():
-            raise UserError(f"{adapter}: no adapter_model.safetensors in it: pick a folder written by "
-                            "03_train_model.py")
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=training)
-    elif lora is not None:
-        from peft import get_peft_model
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=training)
+        elif lora is not None:
+            from peft import get_peft_model
 
-        model = get_peft_model(model, lora)
+            model = get_peft_model(model, lora)
     model.to(device)
     model.train(training)
     return LoadedModel(model, tokenizer, device, dtype, end_of_turn_token(tokenizer), model_id)

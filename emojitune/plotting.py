@@ -1,8 +1,7 @@
 """04: the loss plot (train vs val per epoch, best epoch marked, overfitting shaded) and its table."""
 
-from .errors import UserError
-from .files import read_json
-from .runs import best_epoch
+from .checkpoints import atomic_file, best_epoch, read_json
+from .console import UserError, log
 
 
 def load_metrics(cp) -> dict:
@@ -23,7 +22,7 @@ def table(epochs: list[dict], best: int) -> str:
     return "\n".join(lines)
 
 
-def plot_loss(cp, show: bool = False, log=print) -> None:
+def plot_loss(cp, show: bool = False) -> None:
     import matplotlib
 
     if not show:
@@ -57,10 +56,8 @@ def plot_loss(cp, show: bool = False, log=print) -> None:
     ax_acc.set_xlabel("epoch")
     ax_acc.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
-    cp.loss_plot.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cp.loss_plot.with_name(f".{cp.loss_plot.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(cp.loss_plot)
+    with atomic_file(cp.loss_plot) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     log(table(epochs, best))
     log(f"wrote {cp.loss_plot}")
     if show:

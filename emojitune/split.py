@@ -2,10 +2,18 @@
 
 import random
 from collections import defaultdict
+from dataclasses import dataclass
 
-from .data import Record, encode_records, format_counts, label_counts, records_from_json, refuse_data_change
-from .errors import UserError
-from .files import sha256_file, write_bytes, write_json
+from .checkpoints import refuse_data_change, sha256_file, write_bytes, write_json
+from .cli import option
+from .console import UserError, log
+from .data import Record, encode_records, format_counts, label_counts, records_from_json
+
+
+@dataclass
+class SplitSettings:
+    test_size: float = option(0.2, "share of each label that goes to validation, at least one per label")
+    seed: int = option(42, "random seed of the split")
 
 
 def val_count(n: int, test_size: float) -> int:
@@ -34,8 +42,9 @@ def check_test_size(test_size: float) -> None:
         raise UserError(f"--test-size {test_size} must be between 0 and 1 (exclusive), for example 0.2")
 
 
-def split(cp, test_size: float = 0.2, seed: int = 42, overwrite: bool = False, log=print) -> dict:
+def split(cp, settings: SplitSettings = SplitSettings(), overwrite: bool = False) -> dict:
     """02: split DIR/data/prepared.json into train.json and val.json, stratified by label."""
+    test_size, seed = settings.test_size, settings.seed
     check_test_size(test_size)
     hint = "run 01_prepare_data.py first"
     if not cp.prepared.exists():

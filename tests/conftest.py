@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = ROOT / "training_data_emotion_jp.json"
-SYSTEM = "このツイートを絵文字で感情分類してください"
+from emojitune import DEFAULT_SYSTEM_PROMPT as SYSTEM  # noqa: E402
 
 
 @pytest.fixture(scope="session")

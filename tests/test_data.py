@@ -46,7 +46,10 @@ def test_prepare_and_split_shipped(tmp_path):
     assert Counter(x["messages"][-1]["content"] for x in val) == {label: 2 for label in LABELS}
     assert Counter(x["messages"][-1]["content"] for x in train) == {label: 8 for label in LABELS}
     info = load_json(tmp_path / "data/split.json")
-    assert info["seed"] == 42 and info["test_size"] == 0.2 and len(info["prepared_sha256"]) == 64
+    from emojitune.split import SplitSettings
+
+    assert (info["seed"], info["test_size"]) == (SplitSettings.seed, SplitSettings.test_size)
+    assert len(info["prepared_sha256"]) == 64
     assert info["labels"]["☹️"] == {"train": 8, "val": 2}
     # The same input and seed give byte-identical files; another seed gives another split.
     before = {n: (tmp_path / "data" / n).read_bytes() for n in ("train.json", "val.json", "split.json")}

@@ -1,12 +1,12 @@
-"""The tiny Gemma, the prompt path, answer-only targets, and the fast loss against the plain one."""
+"""The tiny Gemma, the prompt path, answer-only labels, and the fast loss against the plain one."""
 
 import pytest
 from conftest import SYSTEM
 
+from emojitune.chat import IGNORE, Example, answer_ids, collate, encode, pad_id, prompt_ids
 from emojitune.data import Record
-from emojitune.generation import answer_ids, prompt_ids
+from emojitune.loss import answer_token_losses
 from emojitune.modeling import load_model
-from emojitune.scoring import IGNORE, Example, collate, encode, pad_id, token_losses
 
 
 @pytest.fixture(scope="module")
@@ -51,50 +51,47 @@ def test_only_the_answer_and_end_of_turn_carry_loss(lm):
     prompt = prompt_ids(lm.tokenizer, SYSTEM, "今日は最高")
     answer = answer_ids(lm.tokenizer, "😀", lm.end_of_turn_id)
     assert ex.input_ids == prompt + answer
-    # Position t predicts token t+1: the prompt's own tokens are never targets.
-    supervised = [(t, y) for t, y in enumerate(ex.targets) if y != IGNORE]
-    assert [y for _, y in supervised] == answer
-    assert answer[-1] == lm.end_of_turn_id
-    assert all(ex.input_ids[t + 1] == y for t, y in supervised)
-    assert supervised[0][0] == len(prompt) - 1
+    # Hugging Face convention: labels hold the token itself where it is scored, IGNORE elsewhere.
+    assert ex.labels == [IGNORE] * len(prompt) + answer
+    assert answer[-1] == lm.end_of_turn_id and ex.answer_tokens == len(answer)
 
 
-def test_fast_loss_equals_full_logits_masked_loss(lm):
+def test_fast_loss_equals_the_models_own_loss(lm):
+    """What a transformers user would write: model(input_ids, attention_mask, labels).loss."""
     import torch
-    import torch.nn.functional as F
 
     records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
-    ids, mask, targets = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
+    ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
     with torch.no_grad():
-        fast, _, _ = token_losses(lm.model, ids, mask, targets)
-        # The plain way: logits at every position, HF-style shift, masked mean.
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits
-        labels = torch.full_like(ids, IGNORE)
-        labels[:, 1:] = targets[:, :-1]
-        plain = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-    assert fast.mean().item() == pytest.approx(plain.item(), abs=1e-5)
+        fast, correct, rows = answer_token_losses(lm.model, ids, mask, labels)
+        out = lm.model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert fast.mean().item() == pytest.approx(out.loss.item(), abs=1e-5)
+    # Argmax correctness per answer token, as read off the full logits.
+    predicted = out.logits[:, :-1].argmax(-1)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    assert correct.tolist() == (predicted[keep] == targets[keep]).tolist()
+    assert rows.tolist() == keep.nonzero()[:, 0].tolist()
 
 
-def test_example_build_alignment():
-    ex = Example.build([1, 2, 3], [7, 9])
+def test_example_labels_follow_hugging_face():
+    ex = Example.of([1, 2, 3], [7, 9])
     assert ex.input_ids == [1, 2, 3, 7, 9]
-    assert ex.targets == [IGNORE, IGNORE, 7, 9, IGNORE]
+    assert ex.labels == [IGNORE, IGNORE, IGNORE, 7, 9]
 
 
-@pytest.mark.parametrize("rows", [3, 20])  # below and above SMALL_HEAD_ROWS: both gradient paths
+@pytest.mark.parametrize("rows", [1, 3, 20, 64])  # batch 1 to batch 16 answer rows: every gradient path
 def test_cpu_output_layer_matches_plain_linear_with_gradients(rows):
     import torch
     import torch.nn.functional as F
 
-    from emojitune.scoring import SMALL_HEAD_ROWS, frozen_head_cpu
+    from emojitune.loss import cpu_frozen_output_layer
 
-    assert 3 < SMALL_HEAD_ROWS <= 20
     torch.manual_seed(0)
     weight = torch.randn(5000, 64)  # frozen, like the tied embedding under LoRA
     h = torch.randn(rows, 64, requires_grad=True)
     grad_out = torch.randn(rows, 5000)
-    fast = frozen_head_cpu(h, weight)
+    fast = cpu_frozen_output_layer(h, weight)
     (fast_grad,) = torch.autograd.grad(fast, h, grad_out)
     plain = F.linear(h, weight)
     (plain_grad,) = torch.autograd.grad(plain, h, grad_out)

@@ -1,9 +1,12 @@
 """Interruption and resume, several processes, security details, and the rest of the bad-input matrix."""
 
+import contextlib
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,18 +96,49 @@ def test_token_is_never_printed(tmp_path):
     assert secret not in r.stdout + r.stderr
 
 
-def test_gated_model_message():
-    from huggingface_hub.errors import GatedRepoError
+@contextlib.contextmanager
+def fake_hub(status: int, error_code: str):
+    """A Hugging Face hub on this machine that answers every request with one error, as the real hub
+    does for a gated or a missing model (the hub client reads the X-Error-Code header)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            self.send_response(status)
+            self.send_header("X-Error-Code", error_code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
-    from emojitune.modeling import _explain_load_error
+        do_GET = do_HEAD = answer
 
-    gated = GatedRepoError.__new__(GatedRepoError)  # its constructor wants a live HTTP response
-    Exception.__init__(gated, "403 Client Error: access to model google/gemma-3-270m-it is restricted")
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        raise OSError("You are trying to access a gated repo.") from gated
-    except OSError as e:
-        message = _explain_load_error("google/gemma-3-270m-it", e)
-    assert "accept its licence" in message and "hf auth login" in message and "--model PATH" in message
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("status,code,expected", [
+    (403, "GatedRepo", ["is a gated model", "accept its licence", "hf auth login", "--model PATH"]),
+    (404, "RepoNotFound", ["no such model on the Hugging Face hub", "check the id", "--model PATH"]),
+])
+def test_hub_refusals_are_explained(tmp_path, status, code, expected):
+    with fake_hub(status, code) as endpoint:
+        env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint}
+        r = run_script("06_test_finetuned_single.py", "--base", "--model", "google/gemma-3-270m-it",
+                       "--checkpoint-dir", tmp_path / "run", input="今日は最高\n", env=env)
+    assert_user_error(r, "google/gemma-3-270m-it", *expected)
+
+
+def test_an_unreachable_hub_fails_at_once(tmp_path):
+    """No network and no cached model: the offline message, without a minute of download retries."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    r = run_script("06_test_finetuned_single.py", "--base", "--model", "google/gemma-3-270m-it",
+                   "--checkpoint-dir", tmp_path / "run", input="今日は最高\n", env=env)
+    assert_user_error(r, "not in the local Hugging Face cache and the hub cannot be reached", "--model PATH")
+    assert "Retry" not in r.stderr and "retry" not in r.stderr
 
 
 def test_steps_out_of_order(tmp_path):

@@ -83,12 +83,12 @@ def test_checkpoint_choice_and_missing_adapter(learned_run, tmp_path):
 
 def test_teacher_forced_accuracy_agrees_with_greedy_generation(learned_run):
     """03's one-pass accuracy: argmax at every answer position == the greedy answer equals the label."""
+    from emojitune.chat import encode, pad_id
+    from emojitune.checkpoints import CheckpointDir, base_model
     from emojitune.data import records_from_json
     from emojitune.generation import generate
     from emojitune.modeling import load_model
-    from emojitune.runs import base_model
-    from emojitune.paths import CheckpointDir
-    from emojitune.scoring import encode, pad_id, score
+    from emojitune.scoring import score
 
     cp = CheckpointDir(learned_run)
     lm = load_model(base_model(cp, None)[0], "cpu", adapter=cp.adapter)
@@ -102,11 +102,11 @@ def test_teacher_forced_accuracy_agrees_with_greedy_generation(learned_run):
 def test_label_scores_with_a_shared_prompt_equal_scoring_each_label_alone(learned_run):
     """06 --labels-only runs the prompt once and copies its cache for every label: same numbers as
     scoring prompt + label as separate examples."""
-    from emojitune.generation import answer_ids, prompt_ids
+    from emojitune.chat import Example, answer_ids, pad_id, prompt_ids
+    from emojitune.checkpoints import CheckpointDir, base_model
     from emojitune.modeling import load_model
-    from emojitune.paths import CheckpointDir
-    from emojitune.runs import base_model, trained_labels
-    from emojitune.scoring import Example, pad_id, score, shared_prompt_losses
+    from emojitune.scoring import score, shared_prompt_losses
+    from emojitune.session import trained_labels
 
     cp = CheckpointDir(learned_run)
     lm = load_model(base_model(cp, None)[0], "cpu", adapter=cp.adapter)
@@ -115,7 +115,7 @@ def test_label_scores_with_a_shared_prompt_equal_scoring_each_label_alone(learne
     assert len({len(a) for a in answers}) > 1  # rows of different lengths: padding is exercised
     for system, tweet in [(SYSTEM, TWEETS[0]), (None, TWEETS[1])]:
         prompt = prompt_ids(lm.tokenizer, system, tweet)
-        alone = score(lm.model, [Example.build(prompt, a) for a in answers], pad_id(lm.tokenizer), lm.device).loss
+        alone = score(lm.model, [Example.of(prompt, a) for a in answers], pad_id(lm.tokenizer), lm.device).loss
         shared = shared_prompt_losses(lm.model, prompt, answers, pad_id(lm.tokenizer), lm.device)
         assert shared == pytest.approx(alone, rel=1e-4, abs=1e-4)
 

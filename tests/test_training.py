@@ -1,9 +1,10 @@
 """03_train_model.py and 04_plot_loss.py on the tiny model."""
 
 import math
+from dataclasses import asdict
 
 import pytest
-from conftest import assert_user_error, load_json, run_script, shipped_subset
+from conftest import SYSTEM, assert_user_error, load_json, run_script, shipped_subset
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,12 @@ def test_two_epoch_run_writes_its_files(two_epochs, tiny_model):
         assert not any(n.endswith(".bin") for n in names)
     run = load_json(d / "run.json")
     assert run["base_model"] == str(tiny_model) and run["finished"] is True
-    assert run["settings"]["lora_r"] == 16 and run["settings"]["lr"] == 5e-5 and run["dtype"] == "float32"
+    from emojitune.training import TrainSettings
+
+    recipe = asdict(TrainSettings(epochs=2))  # run.json records the settings the run used
+    assert {k: run["settings"][k] for k in recipe if k not in ("model", "device")} == \
+        {k: v for k, v in recipe.items() if k not in ("model", "device")}
+    assert run["dtype"] == "float32" and run["system_prompt"] == SYSTEM
     assert len(run["data"]["train_sha256"]) == 64 and run["versions"]["transformers"]
 
 
@@ -55,8 +61,10 @@ def test_adapters_load_with_plain_peft_and_only_lora_changed(two_epochs, tiny_mo
             if "lora_" not in k:
                 plain = k.replace("base_model.model.", "").replace(".base_layer", "")
                 assert torch.equal(v, original[plain]), k
+    from emojitune.training import TrainSettings
+
     last = load_json(d / "epochs/epoch-2/adapter_config.json")
-    assert last["r"] == 16 and last["lora_alpha"] == 32
+    assert last["r"] == TrainSettings.lora_r and last["lora_alpha"] == TrainSettings.lora_alpha
 
 
 def test_train_before_split_names_the_step(tmp_path, tiny_model):
@@ -122,31 +130,38 @@ def test_resume_reaches_the_same_metrics(tmp_path, tiny_model):
     assert_user_error(bad, "--lr", "run used")
 
 
-def test_fast_and_plain_loss_give_the_same_training_curve(tmp_path, tiny_model, monkeypatch):
-    from emojitune import scoring
-    from emojitune.data import prepare
-    from emojitune.paths import CheckpointDir
-    from emojitune.split import split
-    from emojitune.training import TrainSettings, train
+def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tiny_model):
+    """03's loss path (answer rows only, CPU output layer) gives the gradient of the loss a plain
+    transformers user would write, `model(..., labels=labels).loss`, for the same LoRA weights."""
+    import torch
+    from peft import LoraConfig
 
-    data = shipped_subset(tmp_path / "s.json", 30)
-    results = {}
-    plain = scoring.token_losses
-    for name, full in (("fast", False), ("plain", True)):
-        cp = CheckpointDir(tmp_path / name)
-        prepare(data, cp, log=lambda *a: None)
-        split(cp, log=lambda *a: None)
-        monkeypatch.setattr(scoring, "token_losses",
-                            lambda m, i, a, t, full_logits=False, _f=full: plain(m, i, a, t, full_logits=_f))
-        settings = TrainSettings(model=str(tiny_model), epochs=2, batch_size=4, lr=3e-3, device="cpu")
-        results[name] = train(cp, settings, log=lambda *a: None)["epochs"]
-    for fast, full in zip(results["fast"], results["plain"]):
-        for k in ("train_loss", "val_loss"):
-            assert fast[k] == pytest.approx(full[k], abs=1e-5)
+    from emojitune.chat import collate, encode, pad_id
+    from emojitune.data import Record
+    from emojitune.loss import answer_loss_module
+    from emojitune.modeling import load_model
+
+    torch.manual_seed(0)
+    lm = load_model(str(tiny_model), "cpu", training=True,
+                    lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():  # B starts at zero: give it values so the LoRA path is exercised
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
+    ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    ours = answer_loss_module(lm.model)(ids, mask, labels) / (labels != -100).sum()
+    ours_grad = torch.autograd.grad(ours, params)
+    plain = lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    plain_grad = torch.autograd.grad(plain, params)
+    assert ours.item() == pytest.approx(plain.item(), abs=1e-5)
+    for a, b in zip(ours_grad, plain_grad):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_plot_from_hand_made_metrics(tmp_path):
-    from emojitune.files import write_json
+    from emojitune.checkpoints import write_json
 
     write_json(tmp_path / "metrics.json", {"epochs": [
         {"epoch": 1, "train_loss": 2.0, "val_loss": 1.22, "val_accuracy": 0.3},
@@ -179,8 +194,8 @@ def test_epoch_batches_cover_every_example_once_and_are_stable():
 
 
 def test_gradient_checkpointing_gives_the_same_numbers(tmp_path, tiny_model):
+    from emojitune.checkpoints import CheckpointDir
     from emojitune.data import prepare
-    from emojitune.paths import CheckpointDir
     from emojitune.split import split
     from emojitune.training import TrainSettings, train
 
@@ -188,11 +203,11 @@ def test_gradient_checkpointing_gives_the_same_numbers(tmp_path, tiny_model):
     results = []
     for gc in (False, True):
         cp = CheckpointDir(tmp_path / f"gc-{gc}")
-        prepare(data, cp, log=lambda *a: None)
-        split(cp, log=lambda *a: None)
+        prepare(data, cp)
+        split(cp)
         settings = TrainSettings(model=str(tiny_model), epochs=1, batch_size=4, lr=3e-3, device="cpu",
                                  lora_dropout=0.0, gradient_checkpointing=gc)
-        results.append(train(cp, settings, log=lambda *a: None)["epochs"][0])
+        results.append(train(cp, settings)["epochs"][0])
     assert results[0]["train_loss"] == pytest.approx(results[1]["train_loss"], abs=1e-5)
     assert results[0]["val_loss"] == pytest.approx(results[1]["val_loss"], abs=1e-5)
 
@@ -203,7 +218,7 @@ def test_sharded_engines_are_refused_with_the_way_out():
 
     from accelerate.utils import DistributedType
 
-    from emojitune.errors import UserError
+    from emojitune.console import UserError
     from emojitune.training import check_data_parallel
 
     for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):

@@ -1,0 +1,121 @@
+"""The training loss: cross-entropy on the answer tokens only, with the output layer applied only where
+the loss is.
+
+Gemma 3's output layer is its 262k-token embedding: projecting every prompt position, as the model's
+own forward does (its `logits_to_keep` keeps the same positions in every row, and a right-padded batch
+has its answers at different positions), is most of a training step's work. So we run the decoder,
+keep the hidden states that carry loss, and project only those. The result equals the model's own
+forward + masked cross-entropy (tests/test_model.py checks it against `model(..., labels=...).loss`).
+"""
+
+import functools
+
+from .chat import IGNORE
+
+
+def answer_token_losses(causal_lm, input_ids, attention_mask, labels, cache=None):
+    """Cross-entropy and argmax correctness of each answer token, and the batch row it belongs to.
+    `cache`: keys and values of earlier tokens that `input_ids` continue (attention_mask covers both)."""
+    import torch.nn.functional as F
+
+    hidden = run_decoder(causal_lm, input_ids, attention_mask, cache)
+    targets = labels[:, 1:]  # position t is scored against the label of t + 1
+    keep = targets != IGNORE
+    logits = output_logits(causal_lm, hidden[:, :-1][keep])
+    wanted = targets[keep]
+    rows = keep.nonzero()[:, 0]
+    return F.cross_entropy(logits, wanted, reduction="none"), logits.argmax(-1) == wanted, rows
+
+
+def run_decoder(causal_lm, input_ids, attention_mask, cache=None):
+    """Last hidden states of the decoder; with `cache`, it continues the cached tokens and extends it."""
+    decoder = causal_lm.get_decoder()
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None,
+                   **cache_argument(decoder, cache)).last_hidden_state
+
+
+def cache_argument(module, cache) -> dict:
+    """The keyword that passes a KV cache to a model's forward: transformers 5.x renamed
+    `past_key_values` to `cache` (the old name warns until it is removed)."""
+    import inspect
+
+    if cache is None:
+        return {}
+    name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def output_logits(causal_lm, hidden_rows):
+    """The model's output layer on a few hidden states, in float32, as its forward applies it."""
+    import torch
+
+    head = causal_lm.get_output_embeddings()
+    if hidden_rows.device.type == "cpu" and head.bias is None and not head.weight.requires_grad:
+        logits = cpu_frozen_output_layer(hidden_rows, head.weight)
+    else:
+        logits = head(hidden_rows)
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 style soft-cap, which the model's forward applies after its head (None for Gemma 3)
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def cpu_frozen_output_layer(h, weight):
+    """CPU speed path: h @ weight.T for the few answer rows, with the output layer frozen (LoRA).
+
+    With 2-3 rows, F.linear's BLAS call streams the 262k x 640 matrix once per row; written as
+    weight @ h.T it streams it once. The input gradient is weight.T @ grad.T, which at batch 1 is only
+    fast from a contiguous copy of weight.T; from a dozen rows on (batch 8 and up) BLAS is as fast
+    without the copy, so it is made only for small batches. Same products summed in another order:
+    results agree to float32 rounding. README "Speed" has the measurements.
+    """
+    return _cpu_frozen_output_function().apply(h, weight)
+
+
+@functools.cache
+def _cpu_frozen_output_function():
+    import torch
+
+    small_batch_rows = 12  # below this many answer rows the transposed copy pays for itself
+    transposed = {}
+
+    class CpuFrozenOutputLayer(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(w)
+            return (w @ x.T).T
+
+        @staticmethod
+        def backward(ctx, grad):
+            (w,) = ctx.saved_tensors
+            if grad.shape[0] >= small_batch_rows:
+                return (w.T @ grad.T).T, None
+            key = (w.data_ptr(), tuple(w.shape), w._version)
+            if key not in transposed:
+                transposed.clear()  # one model at a time: keep a single copy
+                transposed[key] = w.T.contiguous()
+            return (transposed[key] @ grad.T).T, None
+
+    return CpuFrozenOutputLayer
+
+
+def causal_lm_of(model):
+    """The transformers causal LM inside a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_loss_module(model):
+    """The model as a module whose forward returns the summed answer-token loss of a batch. Training
+    calls it, not the decoder directly, so that DDP sees the forward pass (its gradient sync needs it)."""
+    import torch
+
+    class AnswerLoss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, labels):
+            losses, _, _ = answer_token_losses(causal_lm_of(self.model), input_ids, attention_mask, labels)
+            return losses.sum()
+
+    return AnswerLoss(model)
