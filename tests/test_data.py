@@ -1,6 +1,7 @@
 """01_prepare_data.py and 02_split_data.py: contracts, bad input, determinism, the shipped dataset."""
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -192,3 +193,16 @@ def test_split_errors(tmp_path):
     assert r.returncode == 0 and "😭 has 1 example" in r.stderr
     assert_user_error(run_script("02_split_data.py", "--checkpoint-dir", tmp_path / "one"),
                       "😭", "single example", "--labels")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+def test_data_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes must not leave the data private (0600): the mode is what open() gives under the umask."""
+    old = os.umask(0o002)  # not the common 022, so the check cannot pass by luck
+    try:
+        assert run_script("01_prepare_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+        (tmp_path / "plain").open("w").close()
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "data/prepared.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o664
