@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +69,12 @@ def _detect_format(path: Path, text: str) -> str:
         return "json"
     if stripped.startswith("{"):
         return "jsonl" if stripped.count("\n") and not stripped.rstrip().endswith("]") else "json"
-    return "csv"
+    # A table without a telling extension (Excel's "Text (tab delimited)" saves .txt): the header line
+    # names the columns, so it holds the delimiter and rarely anything else. csv.Sniffer is not used: it
+    # weighs every character of a sample as a possible delimiter and can give up on a few odd rows, while
+    # this one rule is easy to state in the README.
+    header = re.sub(r'"[^"]*"', "", text.partition("\n")[0])  # a quoted column name may hold either
+    return "tsv" if header.count("\t") > header.count(",") else "csv"
 
 
 def parse_file(path: Path) -> list[tuple[int | None, object]]:

@@ -195,6 +195,22 @@ def test_split_errors(tmp_path):
                       "😭", "single example", "--labels")
 
 
+def test_txt_table_format_from_the_header(tmp_path):
+    """Excel's "Text (tab delimited)" export is a .txt: tabs in the header make it TSV, commas CSV, even when
+    the tweets hold the other character."""
+    tsv = tmp_path / "excel.txt"
+    tsv.write_text("tweet\tlabel\n今日は最高, 本当に\t😀\n泣いた\t😭\n", encoding="utf-8-sig")
+    csv_txt = tmp_path / "comma.txt"
+    csv_txt.write_text('text,emoji\n"今日は最高\t本当に",😀\n泣いた,😭\n', encoding="utf-8")
+    for src, first in ((tsv, "今日は最高, 本当に"), (csv_txt, "今日は最高\t本当に")):
+        out = tmp_path / src.stem
+        r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", out)
+        assert r.returncode == 0, r.stderr
+        assert [x["messages"][1:] for x in load_json(out / "data/prepared.json")] == [
+            [{"role": "user", "content": first}, {"role": "assistant", "content": "😀"}],
+            [{"role": "user", "content": "泣いた"}, {"role": "assistant", "content": "😭"}]]
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
 def test_data_files_get_the_usual_permissions(tmp_path):
     """Atomic writes must not leave the data private (0600): the mode is what open() gives under the umask."""
