@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -299,6 +300,28 @@ def label_warnings(counts: Counter) -> list[str]:
     return warnings
 
 
+def _wide(char: str) -> bool:
+    # Emojis newer than this Python's Unicode tables (🥹 and 🫠 on Python 3.10) are unassigned there.
+    return unicodedata.east_asian_width(char) in "WF" or (unicodedata.category(char) == "Cn" and char >= "\U0001f000")
+
+
+def display_width(text: str) -> int:
+    """Terminal columns text takes, for lining up tables: len() counts code points, but an emoji or a
+    CJK character takes two columns, and ☹️ is two code points (☹ + U+FE0F) shown as one wide emoji."""
+    width = 0
+    for i, char in enumerate(text):
+        previous = text[i - 1] if i else ""
+        if char == "\ufe0f":
+            if previous and not _wide(previous):
+                width += 1  # emoji presentation: a narrow symbol such as ☹ is drawn as a wide emoji
+        elif (unicodedata.category(char) in ("Mn", "Me", "Cf") or previous == "\u200d"
+              or "\U0001f3fb" <= char <= "\U0001f3ff"):
+            pass  # marks, the ZWJ, what a ZWJ joins on and skin tones are drawn into the glyph before them
+        else:
+            width += 2 if _wide(char) else 1
+    return width
+
+
 def format_counts(counts: Counter, columns: dict[str, Counter] | None = None) -> str:
     """A label table: one row per label with its count(s), then the total."""
     if columns is None:
@@ -306,7 +329,8 @@ def format_counts(counts: Counter, columns: dict[str, Counter] | None = None) ->
     header = "label  " + "  ".join(f"{name:>6}" for name in columns)
     lines = [header]
     for label in counts:
-        lines.append(f"{label:<5}  " + "  ".join(f"{c[label]:>6}" for c in columns.values()))
+        pad = " " * max(0, 5 - display_width(label))  # f"{label:<5}" would pad by code points
+        lines.append(f"{label}{pad}  " + "  ".join(f"{c[label]:>6}" for c in columns.values()))
     lines.append("total  " + "  ".join(f"{sum(c.values()):>6}" for c in columns.values()))
     return "\n".join(lines)
 

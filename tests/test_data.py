@@ -211,6 +211,20 @@ def test_txt_table_format_from_the_header(tmp_path):
             [{"role": "user", "content": "泣いた"}, {"role": "assistant", "content": "😭"}]]
 
 
+
+
+def test_label_table_columns_line_up():
+    """Every shipped label, ☹️ (two code points) included, takes the same terminal width in the table."""
+    from emojitune.data import display_width, format_counts
+
+    assert [display_width(t) for t in ("☹️", "☹", "😀", "🫠", "今日", "abc", "👍🏽", "1️⃣")] == [2, 1, 2, 2, 4, 3, 2, 2]
+    for table in (format_counts(Counter({label: 10 for label in LABELS})),
+                  format_counts(Counter(LABELS), {"train": Counter(LABELS), "val": Counter(LABELS)})):
+        lines = table.splitlines()
+        assert len(lines) == len(LABELS) + 2
+        assert {display_width(line) for line in lines} == {len(lines[0])}
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
 def test_data_files_get_the_usual_permissions(tmp_path):
     """Atomic writes must not leave the data private (0600): the mode is what open() gives under the umask."""
