@@ -335,6 +335,24 @@ def format_counts(counts: Counter, columns: dict[str, Counter] | None = None) ->
     return "\n".join(lines)
 
 
+def system_prompt_warning(records: list[Record]) -> str | None:
+    """A warning when records hold several system prompts: a run records only the most common one
+    (runs.common_system_prompt) and 05/06 send it with every tweet, so tweets trained with another prompt
+    are tested with a prompt they were not trained with."""
+    counts = Counter(r.system for r in records).most_common()
+    if len(counts) < 2:
+        return None
+
+    def shown(prompt):
+        return "(none)" if prompt is None else repr(prompt if len(prompt) <= 20 else prompt[:20] + "…")
+
+    listed = ", ".join(f"{shown(prompt)} {n}" for prompt, n in counts[:3])
+    more = f", and {len(counts) - 3} more" if len(counts) > 3 else ""
+    return (f"the records use {len(counts)} different system prompts (records per prompt: {listed}{more}); "
+            "03 records only the most common one in run.json and 05/06 send that one with every tweet: "
+            "pass --system TEXT to give every record the same prompt")
+
+
 def records_from_json(path: Path, hint: str) -> list[Record]:
     """Read a messages file this tool wrote (prepared/train/val), as Records."""
     from .files import read_json
@@ -395,5 +413,8 @@ def prepare(input_path: Path, cp, system: str | None = None, labels: str | None 
     log(format_counts(counts))
     for w in label_warnings(counts):
         warn(f"warning: {w}")
+    prompts = system_prompt_warning(records)
+    if prompts:
+        warn(f"warning: {input_path}: {prompts}")
     log(f"wrote {cp.prepared}")
     return records

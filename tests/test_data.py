@@ -225,6 +225,23 @@ def test_label_table_columns_line_up():
         assert {display_width(line) for line in lines} == {len(lines[0])}
 
 
+def test_mixed_system_prompts_warned(tmp_path):
+    records = [[{"role": "system", "content": "このツイートを絵文字で感情分類してください。一つだけ答えて"}], [], [],
+               [{"role": "system", "content": "短い"}]]
+    src = tmp_path / "mixed.json"
+    src.write_text(json.dumps([{"messages": m + [{"role": "user", "content": f"ツイート{i}"},
+                                                 {"role": "assistant", "content": "😀"}]}
+                               for i, m in enumerate(records)], ensure_ascii=False), encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    [warning] = [line for line in r.stderr.splitlines() if "system prompts" in line]
+    assert "3 different system prompts (records per prompt: (none) 2, 'このツイートを絵文字で感情分類してくださ…' 1, " \
+        "'短い' 1)" in warning
+    assert "03 records only the most common one" in warning and "--system" in warning
+    r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path, "--system", "短い")
+    assert r.returncode == 0 and "system prompts" not in r.stderr
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
 def test_data_files_get_the_usual_permissions(tmp_path):
     """Atomic writes must not leave the data private (0600): the mode is what open() gives under the umask."""
