@@ -20,17 +20,28 @@ MIN_PER_LABEL = 10  # below this a label gets a warning: too few examples to lea
 
 
 class Record:
-    """One validated example: an optional system prompt, the tweet and its emoji label."""
+    """One validated example: an optional system prompt, the tweet and its emoji label, and the line of the
+    user's JSONL/CSV/TSV file it came from (for messages; not written to the data files)."""
 
-    __slots__ = ("system", "user", "label")
+    __slots__ = ("system", "user", "label", "line")
 
-    def __init__(self, system: str | None, user: str, label: str):
-        self.system, self.user, self.label = system, user, label
+    def __init__(self, system: str | None, user: str, label: str, line: int | None = None):
+        self.system, self.user, self.label, self.line = system, user, label, line
 
     def to_messages(self) -> dict:
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         messages += [{"role": "user", "content": self.user}, {"role": "assistant", "content": self.label}]
         return {"messages": messages}
+
+
+class BadLine:
+    """A JSONL line that is not JSON. It still counts as a record, so the records after it keep the numbers
+    the user sees in the file, and the other records are still checked: every problem shows at once."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str):
+        self.problem = problem
 
 
 def where(number: int, line: int | None = None) -> str:
@@ -79,7 +90,8 @@ def _detect_format(path: Path, text: str) -> str:
 
 
 def parse_file(path: Path) -> list[tuple[int | None, object]]:
-    """Parse a data file into raw records, each with its line number when the format has one."""
+    """Parse a data file into raw records, each with its line number when the format has one
+    (a JSONL line that is not JSON comes back as a BadLine)."""
     path = Path(path)
     text = read_text(path)
     kind = _detect_format(path, text)
@@ -102,16 +114,14 @@ def parse_file(path: Path) -> list[tuple[int | None, object]]:
             )
         return [(None, item) for item in data]
     if kind == "jsonl":
-        records, problems = [], []
+        records = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 records.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
-                problems.append(f"{path}: line {lineno}: not valid JSON ({e.msg} at column {e.colno})")
-        if problems:
-            raise UserError(_join_problems(problems, path, "fix these lines"))
+                records.append((lineno, BadLine(f"not valid JSON ({e.msg} at column {e.colno})")))
         return records
     return _parse_table(path, text, "\t" if kind == "tsv" else ",")
 
@@ -141,6 +151,8 @@ def _parse_table(path: Path, text: str, delimiter: str) -> list[tuple[int | None
 
 def validate_record(raw, system_override: str | None) -> tuple[Record | None, list[str]]:
     """Check one raw record; return it as a Record, or None and every problem found in it."""
+    if isinstance(raw, BadLine):
+        return None, [raw.problem]
     if not isinstance(raw, dict):
         return None, [f"is a {type(raw).__name__}, not an object with \"messages\""]
     if "messages" in raw:
@@ -235,6 +247,7 @@ def load_records(path: Path, system_override: str | None = None) -> list[Record]
         record, found = validate_record(raw, system_override)
         problems += [f"{where(number, line)}: {p}" for p in found]
         if record is not None:
+            record.line = line
             records.append(record)
     if problems:
         raise UserError(_join_problems(problems, path, "fix the records above"))
@@ -245,15 +258,17 @@ def load_records(path: Path, system_override: str | None = None) -> list[Record]
 
 def drop_duplicates(records: list[Record]) -> tuple[list[Record], list[str]]:
     """Keep the first of each exact duplicate tweet; return the kept records and one warning per drop."""
-    seen: dict[str, tuple[int, str]] = {}
+    seen: dict[str, tuple[int, Record]] = {}
     kept, warnings = [], []
     for number, r in enumerate(records, 1):
         if r.user in seen:
-            first, label = seen[r.user]
+            first_number, first = seen[r.user]
+            label = first.label
             extra = "" if label == r.label else f" with a different label ({r.label} vs {label}; kept {label})"
-            warnings.append(f"{where(number)} repeats the tweet of record {first}{extra}: dropped")
+            named = f"record {first_number}" + (f" (line {first.line})" if first.line else "")
+            warnings.append(f"{where(number, r.line)} repeats the tweet of {named}{extra}: dropped")
             continue
-        seen[r.user] = (number, r.label)
+        seen[r.user] = (number, r)
         kept.append(r)
     return kept, warnings
 

@@ -168,7 +168,7 @@ def test_file_level_errors(tmp_path):
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text('{"text": "a", "emoji": "😀"}\n{"text": \n', encoding="utf-8")
     assert_user_error(run_script("01_prepare_data.py", "--input", jsonl, "--checkpoint-dir", tmp_path),
-                      "x.jsonl", "line 2: not valid JSON")
+                      "x.jsonl", "record 2 (index 1, line 2): not valid JSON")
     assert not (tmp_path / "data").exists()
 
 
@@ -211,6 +211,24 @@ def test_txt_table_format_from_the_header(tmp_path):
             [{"role": "user", "content": "泣いた"}, {"role": "assistant", "content": "😭"}]]
 
 
+def test_jsonl_bad_line_does_not_hide_other_problems(tmp_path):
+    """A line that is not JSON still counts as a record: the records after it keep their numbers, and
+    their problems are reported in the same message."""
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"text": "a", "emoji": "😀"}\n{"text": \n\n{"text": "b", "emoji": "😭"}\n'
+                     '{"text": "c", "emoji": "happy"}\n', encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", jsonl, "--checkpoint-dir", tmp_path)
+    assert_user_error(r, "2 problem(s) in", "record 2 (index 1, line 2): not valid JSON",
+                      "record 4 (index 3, line 5): the answer 'happy' is not an emoji", "nothing was written")
+    assert not (tmp_path / "data").exists()
+
+
+def test_duplicate_warnings_name_lines(tmp_path):
+    src = tmp_path / "dup.csv"
+    src.write_text("text,emoji\n楽しい一日,😀\n泣ける話,😭\n楽しい一日,😭\n", encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "record 3 (index 2, line 4) repeats the tweet of record 1 (line 2) with a different label" in r.stderr
 
 
 def test_label_table_columns_line_up():
