@@ -63,11 +63,25 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")  # a BOM from Excel/Notepad is harmless
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): "
-            "save the file as UTF-8 (for example 'UTF-8' in your editor's save dialog, not Shift_JIS)"
-        ) from None
+        raise _not_utf8(path, data[e.start], data[: e.start].count(b"\n") + 1) from None
+
+
+def read_lines(stream, name: str = "<stdin>"):
+    """Yield the lines of a binary stream (sys.stdin.buffer) as UTF-8 text, a BOM allowed, one at a time so
+    piped input is answered as it arrives. Text-mode stdin would crash on Shift_JIS with a traceback (or, in
+    Python's UTF-8 mode, hand the tokenizer undecodable surrogates); this stops with read_text's message."""
+    for number, data in enumerate(stream, 1):
+        try:
+            yield data.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(name, data[e.start], number) from None
+
+
+def _not_utf8(name: Path | str, byte: int, line: int) -> UserError:
+    return UserError(
+        f"{name}: not UTF-8 text (byte 0x{byte:02x} on line {line}): "
+        "save the file as UTF-8 (for example 'UTF-8' in your editor's save dialog, not Shift_JIS)"
+    )
 
 
 def _detect_format(path: Path, text: str) -> str:

@@ -2,6 +2,7 @@
 
 import sys
 
+from .data import read_lines
 from .errors import UserError
 from .runs import base_model, resolve_checkpoint, system_prompt, trained_labels
 
@@ -54,7 +55,7 @@ def run_tester(cp, *, checkpoint: str = "last", base: bool = False, model: str |
         return generate(lm, system, text, sampling)
 
     if not stdin.isatty():
-        for line in stdin:
+        for line in read_lines(stdin.buffer):
             text = line.strip()
             if text:
                 print(answer(text, stream=False), file=stdout, flush=True)

@@ -1,5 +1,6 @@
 """01_prepare_data.py and 02_split_data.py: contracts, bad input, determinism, the shipped dataset."""
 
+import io
 import json
 import os
 from collections import Counter
@@ -271,3 +272,15 @@ def test_data_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     mode = (tmp_path / "data/prepared.json").stat().st_mode & 0o777
     assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o664
+
+
+def test_read_lines_of_piped_bytes():
+    from emojitune.data import read_lines
+    from emojitune.errors import UserError
+
+    lines = read_lines(io.BytesIO("\ufeff今日は最高\r\n泣いた\n".encode()))
+    assert list(lines) == ["今日は最高\r\n", "泣いた\n"]
+    lines = read_lines(io.BytesIO("今日は最高\n".encode() + "泣いた\n".encode("shift_jis")))
+    assert next(lines) == "今日は最高\n"
+    with pytest.raises(UserError, match=r"^<stdin>: not UTF-8 text \(byte 0x8b on line 2\): save the file as UTF-8"):
+        next(lines)
