@@ -3,6 +3,8 @@
 import csv
 import io
 import json
+import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -19,17 +21,28 @@ MIN_PER_LABEL = 10  # below this a label gets a warning: too few examples to lea
 
 
 class Record:
-    """One validated example: an optional system prompt, the tweet and its emoji label."""
+    """One validated example: an optional system prompt, the tweet and its emoji label, and the line of the
+    user's JSONL/CSV/TSV file it came from (for messages; not written to the data files)."""
 
-    __slots__ = ("system", "user", "label")
+    __slots__ = ("system", "user", "label", "line")
 
-    def __init__(self, system: str | None, user: str, label: str):
-        self.system, self.user, self.label = system, user, label
+    def __init__(self, system: str | None, user: str, label: str, line: int | None = None):
+        self.system, self.user, self.label, self.line = system, user, label, line
 
     def to_messages(self) -> dict:
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         messages += [{"role": "user", "content": self.user}, {"role": "assistant", "content": self.label}]
         return {"messages": messages}
+
+
+class BadLine:
+    """A JSONL line that is not JSON. It still counts as a record, so the records after it keep the numbers
+    the user sees in the file, and the other records are still checked: every problem shows at once."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str):
+        self.problem = problem
 
 
 def record_name(number: int, line: int | None = None) -> str:
@@ -51,11 +64,25 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")  # a BOM from Excel/Notepad is harmless
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): "
-            "save the file as UTF-8 (for example 'UTF-8' in your editor's save dialog, not Shift_JIS)"
-        ) from None
+        raise _not_utf8(path, data[e.start], data[: e.start].count(b"\n") + 1) from None
+
+
+def read_lines(stream, name: str = "<stdin>"):
+    """Yield the lines of a binary stream (sys.stdin.buffer) as UTF-8 text, a BOM allowed, one at a time so
+    piped input is answered as it arrives. Text-mode stdin would crash on Shift_JIS with a traceback (or, in
+    Python's UTF-8 mode, hand the tokenizer undecodable surrogates); this stops with read_text's message."""
+    for number, data in enumerate(stream, 1):
+        try:
+            yield data.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(name, data[e.start], number) from None
+
+
+def _not_utf8(name: Path | str, byte: int, line: int) -> UserError:
+    return UserError(
+        f"{name}: not UTF-8 text (byte 0x{byte:02x} on line {line}): "
+        "save the file as UTF-8 (for example 'UTF-8' in your editor's save dialog, not Shift_JIS)"
+    )
 
 
 def _detect_format(path: Path, text: str) -> str:
@@ -69,11 +96,17 @@ def _detect_format(path: Path, text: str) -> str:
         return "json"
     if stripped.startswith("{"):
         return "jsonl" if stripped.count("\n") and not stripped.rstrip().endswith("]") else "json"
-    return "csv"
+    # A table without a telling extension (Excel's "Text (tab delimited)" saves .txt): the header line
+    # names the columns, so it holds the delimiter and rarely anything else. csv.Sniffer is not used: it
+    # weighs every character of a sample as a possible delimiter and can give up on a few odd rows, while
+    # this one rule is easy to state in the README.
+    header = re.sub(r'"[^"]*"', "", text.partition("\n")[0])  # a quoted column name may hold either
+    return "tsv" if header.count("\t") > header.count(",") else "csv"
 
 
 def parse_file(path: Path) -> list[tuple[int | None, object]]:
-    """Parse a data file into raw records, each with its line number when the format has one."""
+    """Parse a data file into raw records, each with its line number when the format has one
+    (a JSONL line that is not JSON comes back as a BadLine)."""
     path = Path(path)
     text = read_text(path)
     kind = _detect_format(path, text)
@@ -96,16 +129,14 @@ def parse_file(path: Path) -> list[tuple[int | None, object]]:
             )
         return [(None, item) for item in data]
     if kind == "jsonl":
-        records, problems = [], []
+        records = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 records.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
-                problems.append(f"{path}: line {lineno}: not valid JSON ({e.msg} at column {e.colno})")
-        if problems:
-            raise UserError(_join_problems(problems, path, "fix these lines"))
+                records.append((lineno, BadLine(f"not valid JSON ({e.msg} at column {e.colno})")))
         return records
     return _parse_table(path, text, "\t" if kind == "tsv" else ",")
 
@@ -135,6 +166,8 @@ def _parse_table(path: Path, text: str, delimiter: str) -> list[tuple[int | None
 
 def validate_record(raw, system_override: str | None) -> tuple[Record | None, list[str]]:
     """Check one raw record; return it as a Record, or None and every problem found in it."""
+    if isinstance(raw, BadLine):
+        return None, [raw.problem]
     if not isinstance(raw, dict):
         return None, [f"is a {type(raw).__name__}, not an object with \"messages\""]
     if "messages" in raw:
@@ -229,6 +262,7 @@ def load_records(path: Path, system_override: str | None = None) -> list[Record]
         record, found = validate_record(raw, system_override)
         problems += [f"{record_name(number, line)}: {p}" for p in found]
         if record is not None:
+            record.line = line
             records.append(record)
     if problems:
         raise UserError(_join_problems(problems, path, "fix the records above"))
@@ -239,15 +273,17 @@ def load_records(path: Path, system_override: str | None = None) -> list[Record]
 
 def drop_duplicates(records: list[Record]) -> tuple[list[Record], list[str]]:
     """Keep the first of each exact duplicate tweet; return the kept records and one warning per drop."""
-    seen: dict[str, tuple[int, str]] = {}
+    seen: dict[str, tuple[int, Record]] = {}
     kept, warnings = [], []
     for number, r in enumerate(records, 1):
         if r.user in seen:
-            first, label = seen[r.user]
+            first_number, first = seen[r.user]
+            label = first.label
             extra = "" if label == r.label else f" with a different label ({r.label} vs {label}; kept {label})"
-            warnings.append(f"{record_name(number)} repeats the tweet of record {first}{extra}: dropped")
+            named = f"record {first_number}" + (f" (line {first.line})" if first.line else "")
+            warnings.append(f"{record_name(number, r.line)} repeats the tweet of {named}{extra}: dropped")
             continue
-        seen[r.user] = (number, r.label)
+        seen[r.user] = (number, r)
         kept.append(r)
     return kept, warnings
 
@@ -294,6 +330,28 @@ def label_warnings(counts: Counter) -> list[str]:
     return warnings
 
 
+def _wide(char: str) -> bool:
+    # Emojis newer than this Python's Unicode tables (🥹 and 🫠 on Python 3.10) are unassigned there.
+    return unicodedata.east_asian_width(char) in "WF" or (unicodedata.category(char) == "Cn" and char >= "\U0001f000")
+
+
+def display_width(text: str) -> int:
+    """Terminal columns text takes, for lining up tables: len() counts code points, but an emoji or a
+    CJK character takes two columns, and ☹️ is two code points (☹ + U+FE0F) shown as one wide emoji."""
+    width = 0
+    for i, char in enumerate(text):
+        previous = text[i - 1] if i else ""
+        if char == "\ufe0f":
+            if previous and not _wide(previous):
+                width += 1  # emoji presentation: a narrow symbol such as ☹ is drawn as a wide emoji
+        elif (unicodedata.category(char) in ("Mn", "Me", "Cf") or previous == "\u200d"
+              or "\U0001f3fb" <= char <= "\U0001f3ff"):
+            pass  # marks, the ZWJ, what a ZWJ joins on and skin tones are drawn into the glyph before them
+        else:
+            width += 2 if _wide(char) else 1
+    return width
+
+
 def format_counts(counts: Counter, columns: dict[str, Counter] | None = None) -> str:
     """A label table: one row per label with its count(s), then the total."""
     if columns is None:
@@ -301,9 +359,28 @@ def format_counts(counts: Counter, columns: dict[str, Counter] | None = None) ->
     header = "label  " + "  ".join(f"{name:>6}" for name in columns)
     lines = [header]
     for label in counts:
-        lines.append(f"{label:<5}  " + "  ".join(f"{c[label]:>6}" for c in columns.values()))
+        pad = " " * max(0, 5 - display_width(label))  # f"{label:<5}" would pad by code points
+        lines.append(f"{label}{pad}  " + "  ".join(f"{c[label]:>6}" for c in columns.values()))
     lines.append("total  " + "  ".join(f"{sum(c.values()):>6}" for c in columns.values()))
     return "\n".join(lines)
+
+
+def system_prompt_warning(records: list[Record]) -> str | None:
+    """A warning when records hold several system prompts: a run records only the most common one
+    (runs.common_system_prompt) and 05/06 send it with every tweet, so tweets trained with another prompt
+    are tested with a prompt they were not trained with."""
+    counts = Counter(r.system for r in records).most_common()
+    if len(counts) < 2:
+        return None
+
+    def shown(prompt):
+        return "(none)" if prompt is None else repr(prompt if len(prompt) <= 20 else prompt[:20] + "…")
+
+    listed = ", ".join(f"{shown(prompt)} {n}" for prompt, n in counts[:3])
+    more = f", and {len(counts) - 3} more" if len(counts) > 3 else ""
+    return (f"the records use {len(counts)} different system prompts (records per prompt: {listed}{more}); "
+            "03 records only the most common one in run.json and 05/06 send that one with every tweet: "
+            "pass --system TEXT to give every record the same prompt")
 
 
 def records_from_json(path: Path, hint: str) -> list[Record]:
@@ -353,5 +430,8 @@ def prepare(input_path: Path, cp, system: str | None = None, labels: str | None 
     log(format_counts(counts))
     for w in label_warnings(counts):
         warn(w)
+    prompts = system_prompt_warning(records)
+    if prompts:
+        warn(f"{input_path}: {prompts}")
     log(f"wrote {cp.prepared}")
     return records

@@ -4,6 +4,7 @@ import sys
 
 from .checkpoints import CheckpointDir
 from .console import UserError, log
+from .data import read_lines
 from .generation import Sampling, generate
 from .scoring import label_probabilities
 from .session import load, resolve_setup, trained_labels
@@ -43,7 +44,7 @@ def run_tester(cp: CheckpointDir, *, checkpoint: str = "last", base: bool = Fals
         return generate(lm, setup.system, text, sampling)
 
     if not stdin.isatty():
-        for line in stdin:
+        for line in read_lines(stdin.buffer):
             text = line.strip()
             if text:
                 print(answer(text, stream=False), file=stdout, flush=True)

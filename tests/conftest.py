@@ -19,11 +19,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
 
 
-def run_script(name: str, *args, input: str | None = None, cwd: Path = ROOT, env: dict | None = None):
-    """Run a numbered script as a user would; returns the CompletedProcess (text)."""
+def run_script(name: str, *args, input: str | bytes | None = None, cwd: Path = ROOT, env: dict | None = None):
+    """Run a numbered script as a user would; returns the CompletedProcess (text). Bytes for `input` reach
+    stdin as they are, like a file in any encoding redirected into the script."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], input=input, text=True,
-                          capture_output=True, cwd=cwd, env=full_env, timeout=600)
+    raw = isinstance(input, bytes)
+    result = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], input=input, text=not raw,
+                            capture_output=True, cwd=cwd, env=full_env, timeout=600)
+    if raw:
+        result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 def assert_user_error(result, *fragments):

@@ -1,6 +1,8 @@
 """01_prepare_data.py and 02_split_data.py: contracts, bad input, determinism, the shipped dataset."""
 
+import io
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -170,7 +172,7 @@ def test_file_level_errors(tmp_path):
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text('{"text": "a", "emoji": "😀"}\n{"text": \n', encoding="utf-8")
     assert_user_error(run_script("01_prepare_data.py", "--input", jsonl, "--checkpoint-dir", tmp_path),
-                      "x.jsonl", "line 2: not valid JSON")
+                      "x.jsonl", "record 2 (index 1, line 2): not valid JSON")
     assert not (tmp_path / "data").exists()
 
 
@@ -195,3 +197,93 @@ def test_split_errors(tmp_path):
     assert r.returncode == 0 and "😭 has 1 example" in r.stderr
     assert_user_error(run_script("02_split_data.py", "--checkpoint-dir", tmp_path / "one"),
                       "😭", "single example", "--labels")
+
+
+def test_txt_table_format_from_the_header(tmp_path):
+    """Excel's "Text (tab delimited)" export is a .txt: tabs in the header make it TSV, commas CSV, even when
+    the tweets hold the other character."""
+    tsv = tmp_path / "excel.txt"
+    tsv.write_text("tweet\tlabel\n今日は最高, 本当に\t😀\n泣いた\t😭\n", encoding="utf-8-sig")
+    csv_txt = tmp_path / "comma.txt"
+    csv_txt.write_text('text,emoji\n"今日は最高\t本当に",😀\n泣いた,😭\n', encoding="utf-8")
+    for src, first in ((tsv, "今日は最高, 本当に"), (csv_txt, "今日は最高\t本当に")):
+        out = tmp_path / src.stem
+        r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", out)
+        assert r.returncode == 0, r.stderr
+        assert [x["messages"][1:] for x in load_json(out / "data/prepared.json")] == [
+            [{"role": "user", "content": first}, {"role": "assistant", "content": "😀"}],
+            [{"role": "user", "content": "泣いた"}, {"role": "assistant", "content": "😭"}]]
+
+
+def test_jsonl_bad_line_does_not_hide_other_problems(tmp_path):
+    """A line that is not JSON still counts as a record: the records after it keep their numbers, and
+    their problems are reported in the same message."""
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"text": "a", "emoji": "😀"}\n{"text": \n\n{"text": "b", "emoji": "😭"}\n'
+                     '{"text": "c", "emoji": "happy"}\n', encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", jsonl, "--checkpoint-dir", tmp_path)
+    assert_user_error(r, "2 problem(s) in", "record 2 (index 1, line 2): not valid JSON",
+                      "record 4 (index 3, line 5): the answer 'happy' is not an emoji", "nothing was written")
+    assert not (tmp_path / "data").exists()
+
+
+def test_duplicate_warnings_name_lines(tmp_path):
+    src = tmp_path / "dup.csv"
+    src.write_text("text,emoji\n楽しい一日,😀\n泣ける話,😭\n楽しい一日,😭\n", encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "record 3 (index 2, line 4) repeats the tweet of record 1 (line 2) with a different label" in r.stderr
+
+
+def test_label_table_columns_line_up():
+    """Every shipped label, ☹️ (two code points) included, takes the same terminal width in the table."""
+    from emojitune.data import display_width, format_counts
+
+    assert [display_width(t) for t in ("☹️", "☹", "😀", "🫠", "今日", "abc", "👍🏽", "1️⃣")] == [2, 1, 2, 2, 4, 3, 2, 2]
+    for table in (format_counts(Counter({label: 10 for label in LABELS})),
+                  format_counts(Counter(LABELS), {"train": Counter(LABELS), "val": Counter(LABELS)})):
+        lines = table.splitlines()
+        assert len(lines) == len(LABELS) + 2
+        assert {display_width(line) for line in lines} == {len(lines[0])}
+
+
+def test_mixed_system_prompts_warned(tmp_path):
+    records = [[{"role": "system", "content": "このツイートを絵文字で感情分類してください。一つだけ答えて"}], [], [],
+               [{"role": "system", "content": "短い"}]]
+    src = tmp_path / "mixed.json"
+    src.write_text(json.dumps([{"messages": m + [{"role": "user", "content": f"ツイート{i}"},
+                                                 {"role": "assistant", "content": "😀"}]}
+                               for i, m in enumerate(records)], ensure_ascii=False), encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    [warning] = [line for line in r.stderr.splitlines() if "system prompts" in line]
+    assert "3 different system prompts (records per prompt: (none) 2, 'このツイートを絵文字で感情分類してくださ…' 1, " \
+        "'短い' 1)" in warning
+    assert "03 records only the most common one" in warning and "--system" in warning
+    r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path, "--system", "短い")
+    assert r.returncode == 0 and "system prompts" not in r.stderr
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+def test_data_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes must not leave the data private (0600): the mode is what open() gives under the umask."""
+    old = os.umask(0o002)  # not the common 022, so the check cannot pass by luck
+    try:
+        assert run_script("01_prepare_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+        (tmp_path / "plain").open("w").close()
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "data/prepared.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o664
+
+
+def test_read_lines_of_piped_bytes():
+    from emojitune.data import read_lines
+    from emojitune.console import UserError
+
+    lines = read_lines(io.BytesIO("\ufeff今日は最高\r\n泣いた\n".encode()))
+    assert list(lines) == ["今日は最高\r\n", "泣いた\n"]
+    lines = read_lines(io.BytesIO("今日は最高\n".encode() + "泣いた\n".encode("shift_jis")))
+    assert next(lines) == "今日は最高\n"
+    with pytest.raises(UserError, match=r"^<stdin>: not UTF-8 text \(byte 0x8b on line 2\): save the file as UTF-8"):
+        next(lines)

@@ -70,6 +70,17 @@ def test_labels_only_and_top(learned_run):
     assert {first, second} <= labels and first != second and 1 >= float(p1) >= float(p2) >= 0
 
 
+def test_piped_shift_jis_is_a_user_error(learned_run):
+    """06 < tweets.txt saved as Shift_JIS: the lines before the bad one are answered, then one error line
+    naming the line, not a traceback from the tokenizer. A BOM on the first line is fine."""
+    piped = ("\ufeff" + TWEETS[0] + "\n").encode() + (TWEETS[1] + "\n").encode("shift_jis")
+    r = run_script("06_test_finetuned_single.py", "--checkpoint-dir", learned_run, input=piped)
+    assert_user_error(r)
+    assert r.stderr.splitlines()[-1].startswith(
+        "error: <stdin>: not UTF-8 text (byte 0x95 on line 2): save the file as UTF-8")
+    assert len(r.stdout.splitlines()) == 1
+
+
 def test_checkpoint_choice_and_missing_adapter(learned_run, tmp_path):
     best = load_json(learned_run / "metrics.json")["best_epoch"]
     r = run_script("06_test_finetuned_single.py", "--checkpoint", "best", "--checkpoint-dir", learned_run,
