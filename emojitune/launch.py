@@ -1,10 +1,25 @@
-"""`accelerate launch --num_processes N` on a machine without GPUs: make the N processes exist."""
+"""Several training processes on one machine: `03_train_model.py --processes N`, and the documented
+`accelerate launch --num_processes N` on a machine without GPUs.
+
+Each process gets the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT); accelerate and torch do the distribution (gloo on CPU, NCCL on GPUs). Launching them
+ourselves means a user error is one line and exit code 1, not a launcher's traceback.
+"""
 
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from .console import UserError
+from .console import UserError, log
+
+
+def is_worker() -> bool:
+    """True inside a process that a launcher (ours, torchrun or accelerate's) started as one of several."""
+    return "WORLD_SIZE" in os.environ
 
 
 def _requested_processes(cmdline: list[str]) -> int | None:
@@ -17,31 +32,46 @@ def _requested_processes(cmdline: list[str]) -> int | None:
     return None
 
 
-def started_alone_by_accelerate() -> bool:
-    """True in a process that accelerate's simple launcher started for more than one process: it sets
-    MASTER_ADDR only when asked for several, while real multi-process launchers set WORLD_SIZE."""
-    return ("ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
-            and "WORLD_SIZE" not in os.environ)
-
-
-def relaunch_with_torchrun_on_cpu(script: str) -> None:
+def started_alone_by_accelerate() -> int | None:
     """Without GPUs, `accelerate launch --num_processes N` starts ONE process (its multi-CPU launcher
-    needs MPI), so the documented command would silently train alone. accelerate has no flag for this
-    case other than `--multi_gpu`, whose torchrun launcher runs CPU processes with gloo: we replace
-    this process by that launch of the same command (the parent's command line gives N)."""
-    if not started_alone_by_accelerate():
-        return
-    fix = ("accelerate started a single process; on a machine without GPUs run: uv run accelerate launch "
-           f"--multi_gpu --num_processes N {Path(script).name} ...")
+    needs MPI), which would silently train alone. That launcher sets MASTER_ADDR only when asked for
+    several processes, and no WORLD_SIZE; N is on its command line, our parent's. Returns N, or None."""
+    if not ("ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and not is_worker()):
+        return None
+    fix = ("accelerate started a single process; on a machine without GPUs run: uv run 03_train_model.py "
+           "--processes N ...")
     try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-        n = _requested_processes(parent)
+        n = _requested_processes(Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0"))
     except (OSError, ValueError):
         raise UserError(fix) from None
-    if n is None or n < 2:
-        return
-    print(f"accelerate launch: starting {n} processes (torchrun launcher, gloo on CPU)", file=sys.stderr)
-    args = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, *sys.argv[1:]]
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    os.execve(sys.executable, args, env)
+    return n if n and n > 1 else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(n: int) -> int:
+    """Run this same command as n processes of one training run; return the exit code to end with:
+    0, or the first failing process's code (the others are then stopped)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(n),
+                LOCAL_WORLD_SIZE=str(n))
+    log(f"starting {n} training processes", err=True)
+    procs = [subprocess.Popen([sys.executable, *sys.argv], env={**base, "RANK": str(i), "LOCAL_RANK": str(i)})
+             for i in range(n)]
+    code = 0
+    while any(p.poll() is None for p in procs):
+        try:
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed and not code:
+                code = failed[0]
+                for p in procs:  # a process that failed alone would leave the others waiting on it forever
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        except KeyboardInterrupt:  # Ctrl+C reached every process: wait for them to save and stop
+            code = code or 130
+    return code or next((p.returncode for p in procs if p.returncode), 0)

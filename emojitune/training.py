@@ -23,7 +23,7 @@ from .cli import option
 from .console import UserError, log
 from .data import record_name, records_from_json, training_system_prompt
 from .loss import answer_loss_module
-from .modeling import load_model, resolve_device
+from .modeling import check_model_source, load_model, resolve_device
 from .scoring import score
 
 
@@ -82,15 +82,9 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     from accelerate import Accelerator
     from peft import LoraConfig
 
-    settings = replace(settings)  # the caller's object stays as it was
-    settings.check()
-    previous = check_existing_run(cp, resume, overwrite)
-    settings, model_note = _settings_for_this_run(cp, settings, explicit, previous)
+    settings, previous, model_note = preflight(cp, settings, explicit, resume, overwrite)
     train_records, val_records = _read_split(cp)
     data_hashes = {"train_sha256": sha256_file(cp.train), "val_sha256": sha256_file(cp.val)}
-    if previous is not None and previous["data"].get("train_sha256") != data_hashes["train_sha256"]:
-        raise UserError(f"{cp.train} changed since the run started: --resume would mix two datasets: "
-                        "start over with --overwrite")
     device = resolve_device(settings.device)
     accelerator = Accelerator(cpu=device == "cpu")
     check_data_parallel(accelerator)
@@ -223,6 +217,23 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     return {"epochs": epochs, "best_epoch": best}
 
 
+def preflight(cp: CheckpointDir, settings: TrainSettings, explicit: set[str], resume: bool, overwrite: bool):
+    """The checks that need no model: settings, the run folder, the data, the model's path, the device.
+    Run before anything heavy, and before several processes start, so a mistake is reported once.
+    Returns the settings of this run, the run.json of the run to resume (or None), and a note on the model."""
+    settings = replace(settings)  # the caller's object stays as it was
+    settings.check()
+    previous = check_existing_run(cp, resume, overwrite)
+    settings, model_note = _settings_for_this_run(cp, settings, explicit, previous)
+    _read_split(cp)
+    if previous is not None and previous["data"].get("train_sha256") != sha256_file(cp.train):
+        raise UserError(f"{cp.train} changed since the run started: --resume would mix two datasets: "
+                        "start over with --overwrite")
+    check_model_source(settings.model)
+    resolve_device(settings.device)
+    return settings, previous, model_note
+
+
 def train_step(accelerator, loss_module, optimizer, examples, batch: list[int], answer_tokens: list[int],
                pad: int, max_grad_norm: float):
     """One optimizer step on one global batch (this process trains on its share). Returns this process's
@@ -273,9 +284,32 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) 
 
 
 def progress(items, description: str, enabled: bool):
+    """A progress bar in a terminal; in a log file (stderr redirected) plain lines, no carriage returns."""
     from tqdm.auto import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        return _PlainProgress(items, description)
     return tqdm(items, desc=description, unit="step", leave=False, disable=not enabled, file=sys.stderr)
+
+
+class _PlainProgress:
+    """The part of tqdm's interface the loop uses, as one line at every tenth of the steps."""
+
+    def __init__(self, items, description: str):
+        self.items, self.description, self.postfix = list(items), description, ""
+
+    def __iter__(self):
+        every = max(1, len(self.items) // 10)
+        for done, item in enumerate(self.items, 1):
+            yield item
+            if done % every == 0 or done == len(self.items):
+                print(f"{self.description}: step {done}/{len(self.items)}{self.postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, refresh: bool = False, **values) -> None:
+        self.postfix = "".join(f"  {k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
 
 
 def check_data_parallel(accelerator) -> None:

@@ -75,6 +75,16 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model
         assert y["val_loss"] == pytest.approx(x["val_loss"], abs=1e-4)
     assert load_json(two / "run.json")["processes"] == 2
     assert not list(two.rglob("*.tmp")) and not list(two.rglob(".*.old"))
+    assert "\r" not in r2.stderr and "epoch 1/2: step" in r2.stderr  # plain progress lines in a log
+
+
+def test_a_mistake_in_a_several_process_run_is_one_line(tmp_path, tiny_model):
+    d = small_run_dir(tmp_path, "run")
+    # Found before the processes start (settings) and inside them (every tweet over --max-length).
+    for flags in (["--epochs", 0], ["--max-length", 8]):
+        r = run_script("03_train_model.py", "--processes", 2, "--model", tiny_model, *flags, "--checkpoint-dir", d)
+        assert_user_error(r, f"{flags[0]} {flags[1]}")
+        assert r.returncode == 1 and r.stderr.count("error:") == 1, r.stderr
 
 
 def test_adapter_without_safetensors_is_refused(tmp_path, tiny_model):
