@@ -12,7 +12,7 @@ from pathlib import Path
 
 from emojitune.cli import (add_checkpoint, add_checkpoint_dir, add_device, add_model, add_options, add_system,
                            checkpoint_dir, options_from_args)
-from emojitune.console import run_main
+from emojitune.console import log, run_main
 from emojitune.evaluation import evaluate
 from emojitune.generation import Sampling
 
@@ -26,14 +26,16 @@ def main():
                    help="messages file to test on (default: DIR/data/val.json)")
     p.add_argument("--limit", type=int, default=None, help="test only the first N tweets")
     p.add_argument("--compare", action="store_true", help="also run the tuned adapter and show both")
-    add_checkpoint(p, "the adapter --compare runs")
+    add_checkpoint(p, "the adapter --compare runs (giving it implies --compare)", default_none=True)
     add_system(p)
     add_options(p, Sampling, group=True)
     args = p.parse_args()
     sampling, _ = options_from_args(Sampling, args)
-    evaluate(checkpoint_dir(args), input_path=args.input, limit=args.limit, compare=args.compare,
-             model=args.model, checkpoint=args.checkpoint, system=args.system, device=args.device,
-             sampling=sampling)
+    if args.checkpoint is not None and not args.compare:
+        log(f"--checkpoint {args.checkpoint}: comparing the base model with that adapter (implies --compare)")
+    evaluate(checkpoint_dir(args), input_path=args.input, limit=args.limit,
+             compare=args.compare or args.checkpoint is not None, model=args.model,
+             checkpoint=args.checkpoint or "last", system=args.system, device=args.device, sampling=sampling)
 
 
 if __name__ == "__main__":

@@ -148,10 +148,14 @@ def best_epoch(epochs: list[dict]) -> int:
 def resolve_adapter(cp: CheckpointDir, name: str) -> Path:
     """The adapter folder for --checkpoint last|best|epoch-N."""
     hint = "run 03_train_model.py first, or use --base to test the base model"
+    saved = cp.saved_epochs()
     if name == "last":
         if not cp.adapter.exists():
-            extra = f" (finished epochs are in {cp.epochs_dir}: try --checkpoint best)" if cp.epochs_dir.exists() else ""
-            raise UserError(f"{cp.adapter} not found{extra}: {hint}")
+            if saved:  # an unfinished run: adapter/ is written when it finishes
+                raise UserError(f"{cp.adapter} not found: the run in {cp.root} stopped after epoch {saved[-1]}: "
+                                f"finish it with `uv run 03_train_model.py --resume --checkpoint-dir {cp.root}`, "
+                                f"or test a finished epoch with --checkpoint best (or epoch-{saved[-1]})")
+            raise UserError(f"{cp.adapter} not found: {hint}")
         return cp.adapter
     if name == "best":
         if not cp.metrics.exists():
@@ -165,8 +169,10 @@ def resolve_adapter(cp: CheckpointDir, name: str) -> Path:
         raise UserError(f"--checkpoint {name}: use last, best or epoch-N (for example epoch-2)")
     path = cp.epoch_dir(int(number))
     if not path.exists():
-        have = ", ".join(f"epoch-{n}" for n in cp.saved_epochs())
-        raise UserError(f"{path} not found (saved: {have or 'none'}): {hint}")
+        if not saved:
+            raise UserError(f"{path} not found: no epoch is saved in {cp.epochs_dir}: {hint}")
+        raise UserError(f"{path} not found: the saved epochs are {', '.join(f'epoch-{n}' for n in saved)}: "
+                        "pick one with --checkpoint epoch-N, or --checkpoint best")
     return path
 
 
@@ -180,7 +186,11 @@ def base_model(cp: CheckpointDir, override: str | None) -> tuple[str, str]:
         return override, "--model"
     info = read_run_info(cp)
     if info:
-        return info["base_model"], str(cp.run_info)
+        model = info["base_model"]
+        if model.startswith(("/", "~", ".")) and not Path(model).expanduser().exists():
+            raise UserError(f"{cp.run_info} names the base model folder {model}, which is not there any more: "
+                            "pass its new place with --model PATH")
+        return model, str(cp.run_info)
     return DEFAULT_MODEL, "default"
 
 

@@ -63,9 +63,11 @@ def add_device(p: argparse.ArgumentParser) -> None:
                    help="auto picks cuda, then mps, then cpu (default: auto)")
 
 
-def add_checkpoint(p: argparse.ArgumentParser, what: str = "which adapter") -> None:
+def add_checkpoint(p: argparse.ArgumentParser, what: str = "which adapter", default_none: bool = False) -> None:
+    """default_none: the flag is None when not given (its meaning stays `last`), for scripts where
+    giving it changes what they do."""
     # Not --checkpoint-dir: that is the whole folder; this picks one adapter inside it.
-    p.add_argument("--checkpoint", default="last", metavar="last|best|epoch-N",
+    p.add_argument("--checkpoint", default=None if default_none else "last", metavar="last|best|epoch-N",
                    help=f"{what} in DIR: last (DIR/adapter, written when 03 finishes), best (the epoch with the "
                         "lowest val loss) or epoch-N (default: last)")
 

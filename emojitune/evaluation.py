@@ -44,10 +44,10 @@ def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | 
         input_path = cp.val
     else:
         records = load_records(input_path)
+    trained = train_records(cp)
+    labels = {r.label for r in (trained or records)}  # before --limit: the labels do not shrink with it
     records = records[:limit] if limit else records
     setup = resolve_setup(cp, model=model, checkpoint=checkpoint if compare else None, system=system)
-    trained = train_records(cp)
-    labels = {r.label for r in (trained or records)}
     labels_from = str(cp.train) if trained else f"{input_path} (no {cp.train} yet)"
 
     tweets, expected = [r.user for r in records], [r.label for r in records]

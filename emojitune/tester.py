@@ -10,6 +10,15 @@ from .scoring import label_probabilities
 from .session import load, resolve_setup, trained_labels
 
 
+def enable_line_editing() -> None:
+    """Arrow keys, editing and ↑ history in input(), where Python has readline (Linux, macOS): without
+    it the terminal sends the tweet `abc` ← ← `X` as `abc\x1b[D\x1b[DX`. Elsewhere input() stays plain."""
+    try:
+        import readline  # noqa: F401  (importing it is what gives input() line editing)
+    except ImportError:
+        pass
+
+
 def format_top(ranked: list[tuple[str, float]], k: int) -> str:
     return "  ".join(f"{label} {p:.2f}" for label, p in ranked[:k])
 
@@ -49,7 +58,9 @@ def run_tester(cp: CheckpointDir, *, checkpoint: str = "last", base: bool = Fals
             if text:
                 print(answer(text, stream=False), file=stdout, flush=True)
         return
-    log("type a tweet and press Enter; each one is a new conversation. Ctrl+D or Ctrl+C to quit.", err=True)
+    enable_line_editing()
+    log("type a tweet and press Enter (↑ brings back the last ones); each one is a new conversation. "
+        "Ctrl+D or Ctrl+C to quit.", err=True)
     while True:
         try:
             text = input("> ").strip()

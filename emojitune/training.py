@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import DEFAULT_MODEL
 from .chat import collate, encode, pad_id
-from .checkpoints import (CheckpointDir, atomic_dir, atomic_file, best_epoch, check_existing_run, read_json, remove,
+from .checkpoints import (CheckpointDir, atomic_dir, atomic_file, base_model, best_epoch, check_existing_run, remove,
                           sha256_file, write_json)
 from .cli import option
 from .console import UserError, log
@@ -143,9 +143,9 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
         "finished": False,
     }
     if main:
-        if previous is None:
-            for path in cp.training_outputs():
-                remove(path)
+        # A new run replaces the old one; a resumed run changes what the plot and 05's answers were made from.
+        for path in cp.training_outputs() if previous is None else cp.derived_outputs():
+            remove(path)
         write_json(cp.run_info, run_info)
     accelerator.wait_for_everyone()
 
@@ -384,8 +384,9 @@ def _settings_for_this_run(cp, settings: TrainSettings, explicit: set[str], prev
         kept = {k: saved[k] for k in TrainSettings.FIXED_ON_RESUME if k in saved}
         settings = replace(settings, **kept, epochs=settings.epochs if "epochs" in explicit else saved["epochs"])
         settings.check()
+        base_model(cp, None)  # the model folder run.json names must still be there
     elif "model" not in explicit and cp.run_info.exists():
-        settings = replace(settings, model=read_json(cp.run_info)["base_model"])
+        settings = replace(settings, model=base_model(cp, None)[0])
         note = f" (from {cp.run_info}; --model picks another)"
     return settings, note
 
@@ -410,7 +411,8 @@ def _encode_checked(lm, records, path: Path, max_length: int):
 
 def _report_interrupt(cp: CheckpointDir, epoch: int, finished: int) -> None:
     if finished:
-        what = (f"epochs 1-{finished} are saved in {cp.epochs_dir}. Continue with: uv run "
+        which = "epoch 1 is" if finished == 1 else f"epochs 1-{finished} are"
+        what = (f"{which} saved in {cp.epochs_dir}. Continue with: uv run "
                 f"03_train_model.py --resume --checkpoint-dir {cp.root}")
     else:  # nothing to resume: leave the folder as a fresh run can use it
         remove(cp.run_info)

@@ -155,3 +155,57 @@ def test_test_base_and_compare(learned_run):
     # The tuned answers equal 03's teacher-forced accuracy on the same val tweets at the last epoch.
     last = load_json(learned_run / "metrics.json")["epochs"][-1]
     assert saved["summary"]["tuned"]["correct"] == last["val_correct"]
+
+
+def test_interactive_prompt_has_line_editing_and_history(learned_run):
+    """In a terminal, ← moves the cursor and ↑ recalls the last tweet (a real terminal sends escape codes)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    def piped(text):
+        r = run_script("06_test_finetuned_single.py", "--top", 4, "--checkpoint-dir", learned_run, input=text + "\n")
+        return r.stdout.strip()
+
+    train = load_json(learned_run / "data/train.json")
+    left = "\x1b[D"
+    for record in train[:5]:  # a tweet whose answer differs from the answer to the raw escape codes
+        tweet = record["messages"][1]["content"]
+        typed = tweet[1:] + left * (len(tweet) - 1) + tweet[0]
+        expected = piped(tweet)
+        if expected != piped(typed):
+            break
+    else:
+        pytest.fail("no tweet answered differently from its unedited keystrokes")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "06_test_finetuned_single.py"), "--top", "4",
+                             "--checkpoint-dir", str(learned_run)], stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm"}, close_fds=True)
+    os.close(slave)
+    screen = b""
+
+    def read_until(needle: bytes, seconds: float = 120):
+        nonlocal screen
+        deadline = time.time() + seconds
+        while needle not in screen and time.time() < deadline:
+            try:
+                screen += os.read(master, 4096)
+            except OSError:
+                break
+
+    read_until(b"> ")
+    os.write(master, typed.encode() + b"\r")
+    answer = expected.encode() + b"\r\n> "
+    read_until(answer)  # the answer, then the next prompt: readline is ready again
+    os.write(master, b"\x1b[A\r")  # ↑ then Enter: the same tweet again
+    screen_before, screen = screen, b""
+    read_until(answer)
+    screen = screen_before + screen
+    os.write(master, b"\x04")  # Ctrl+D
+    proc.wait(timeout=60)
+    os.close(master)
+    assert screen.count(expected.encode()) >= 2, screen.decode(errors="replace")[-2000:]

@@ -79,8 +79,9 @@ def test_bad_flags_fail_fast(tmp_path, tiny_model):
                       "--model", "no such folder")
     assert_user_error(run_script("03_train_model.py", "--model", tmp_path / "data", "--checkpoint-dir", tmp_path),
                       "no config.json")
-    assert_user_error(run_script("03_train_model.py", "--epochs", 0, "--lora-dropout", 1.5,
-                                 "--checkpoint-dir", tmp_path), "--epochs 0", "--lora-dropout 1.5")
+    assert_user_error(run_script("03_train_model.py", "--epochs", 0, "--lora-dropout", 1.5, "--weight-decay", -1,
+                                 "--max-grad-norm", -1, "--checkpoint-dir", tmp_path),
+                      "--epochs 0", "--lora-dropout 1.5", "--weight-decay -1", "--max-grad-norm -1")
     assert_user_error(run_script("03_train_model.py", "--model", "google/gemma-3-270m-it",
                                  "--checkpoint-dir", tmp_path, env={"HF_HUB_OFFLINE": "1"}),
                       "google/gemma-3-270m-it", "not in the local Hugging Face cache", "--model PATH")
@@ -226,3 +227,36 @@ def test_sharded_engines_are_refused_with_the_way_out():
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(UserError, match=f"{kind.value}.*accelerate launch --multi_gpu"):
             check_data_parallel(SimpleNamespace(distributed_type=kind))
+
+
+def test_a_rerun_keeps_the_runs_model_and_stale_files_go(tmp_path, tiny_model):
+    """`03 --overwrite` without --model trains the model run.json names (the README's advice after
+    overfitting); --resume removes the plot and 05 results made from the unfinished run; a moved model
+    folder is named as run.json's; a missing epoch names the saved ones."""
+    import shutil
+
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_model, model)
+    d = tmp_path / "run"
+    data = shipped_subset(tmp_path / "s.json", 20)
+    assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
+    assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
+    r = run_script("03_train_model.py", "--model", model, "--epochs", 1, "--checkpoint-dir", d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("03_train_model.py", "--epochs", 1, "--overwrite", "--checkpoint-dir", d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"model {model}" in r.stdout and "run.json" in r.stdout
+    assert load_json(d / "run.json")["base_model"] == str(model)
+    (d / "loss.png").write_bytes(b"old plot")
+    (d / "eval_compare.json").write_text("{}")
+    r = run_script("03_train_model.py", "--resume", "--epochs", 2, "--checkpoint-dir", d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (d / "loss.png").exists() and not (d / "eval_compare.json").exists()
+    assert_user_error(run_script("06_test_finetuned_single.py", "--checkpoint", "epoch-5", "--checkpoint-dir", d,
+                                 input="x\n"), "epoch-5 not found", "saved epochs are epoch-1, epoch-2",
+                      "--checkpoint epoch-N")
+    shutil.rmtree(model)
+    for script in ("06_test_finetuned_single.py", "05_test_base.py", "03_train_model.py"):
+        extra = ["--overwrite"] if script.startswith("03") else []
+        assert_user_error(run_script(script, *extra, "--checkpoint-dir", d, input="x\n"),
+                          "run.json names the base model folder", str(model), "--model PATH")
