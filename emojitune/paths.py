@@ -66,11 +66,16 @@ class CheckpointDir:
     def eval_compare(self) -> Path:
         return self.root / "eval_compare.json"
 
+    # 07
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
     def has_trained_adapter(self) -> bool:
         return self.adapter.exists() or any(self.epochs_dir.glob("epoch-*"))
 
     def training_outputs(self) -> list[Path]:
-        """Everything 03 writes, and what 04/05 made from it; what --overwrite clears before a new run."""
+        """Everything 03 writes, and what 04/05/07 made from it; what --overwrite clears before a new run."""
         return [self.run_info, self.metrics, self.epochs_dir, self.adapter, self.resume_state, self.loss_plot,
-                self.eval_base, self.eval_compare]
+                self.eval_base, self.eval_compare, self.export_dir]
 

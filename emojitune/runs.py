@@ -13,9 +13,9 @@ def best_epoch(epochs: list[dict]) -> int:
     return min(epochs, key=lambda e: (e["val_loss"], e["epoch"]))["epoch"]
 
 
-def resolve_checkpoint(cp, name: str) -> Path:
-    """The adapter folder for --checkpoint last|best|epoch-N."""
-    hint = "run 03_train_model.py first, or use --base to test the base model"
+def resolve_checkpoint(cp, name: str,
+                       hint: str = "run 03_train_model.py first, or use --base to test the base model") -> Path:
+    """The adapter folder for --checkpoint last|best|epoch-N; `hint` ends the message when it is missing."""
     if name == "last":
         if not cp.adapter.exists():
             extra = f" (finished epochs are in {cp.epochs_dir}: try --checkpoint best)" if cp.epochs_dir.exists() else ""
@@ -27,7 +27,7 @@ def resolve_checkpoint(cp, name: str) -> Path:
         epochs = read_json(cp.metrics).get("epochs") or []
         if not epochs:
             raise UserError(f"{cp.metrics} lists no finished epoch: {hint}")
-        return resolve_checkpoint(cp, f"epoch-{best_epoch(epochs)}")
+        return resolve_checkpoint(cp, f"epoch-{best_epoch(epochs)}", hint)
     number = name.removeprefix("epoch-")
     if not name.startswith("epoch-") or not number.isdigit():
         raise UserError(f"--checkpoint {name}: use last, best or epoch-N (for example epoch-2)")
