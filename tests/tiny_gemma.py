@@ -2,6 +2,7 @@
 built locally (no hub access) and saved like a downloaded model, so tests load it by path.
 
     uv run python tests/tiny_gemma.py /tmp/tiny-gemma    # build one to try the scripts by hand
+    uv run python tests/tiny_gemma.py /tmp/tiny-gemma --sentencepiece   # with tokenizer.model, for 07's GGUF
 """
 
 import json
@@ -141,5 +142,7 @@ def build_tiny_gemma(path, seed: int = 0, layers: int = 2, tokenizer: str = "bpe
 
 
 if __name__ == "__main__":
-    out = build_tiny_gemma(sys.argv[1] if len(sys.argv) > 1 else "tiny-gemma")
-    print(f"wrote a tiny Gemma 3 model to {out}")
+    args = [a for a in sys.argv[1:] if a != "--sentencepiece"]
+    kind = "sentencepiece" if "--sentencepiece" in sys.argv[1:] else "bpe"
+    out = build_tiny_gemma(args[0] if args else "tiny-gemma", tokenizer=kind)
+    print(f"wrote a tiny Gemma 3 model ({kind} tokenizer) to {out}")
