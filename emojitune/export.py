@@ -40,6 +40,17 @@ class ExportDir:
     def modelfile(self) -> Path:
         return self.root / "Modelfile"
 
+    def check_replaceable(self) -> None:
+        """--overwrite replaces the whole folder: only ever one that 07 wrote, never a mistyped --out
+        such as the checkpoint directory itself."""
+        if not self.root.is_dir():
+            raise UserError(f"{self.root} is a file, not an export folder: choose another --out")
+        ours = {self.merged.name, self.modelfile.name} | {self.gguf(t).name for t in GGUF_TYPES}
+        other = sorted(p.name for p in self.root.iterdir() if p.name not in ours)
+        if other:
+            raise UserError(f"{self.root} is not an export folder (it holds {', '.join(other[:3])}): --overwrite "
+                            "replaces only a folder 07_export_model.py wrote: choose another --out")
+
 
 def export(cp, *, checkpoint: str = "last", out=None, gguf_type: str = DEFAULT_GGUF_TYPE,
            write_gguf: bool = True, overwrite: bool = False, log=print) -> ExportDir:
@@ -53,6 +64,8 @@ def export(cp, *, checkpoint: str = "last", out=None, gguf_type: str = DEFAULT_G
     target = ExportDir(out if out is not None else cp.export_dir)
     if target.root.exists() and not overwrite:
         raise UserError(f"{target.root} already exists: pass --overwrite to replace it, or choose another --out")
+    if target.root.exists():
+        target.check_replaceable()
     model_id, model_from = base_model(cp, None)
     check_model_source(model_id)
     system, system_from = system_prompt(cp, None)
@@ -62,10 +75,11 @@ def export(cp, *, checkpoint: str = "last", out=None, gguf_type: str = DEFAULT_G
 
     log("loading the base model and the adapter (float32, CPU)")
     lm = load_model(model_id, "cpu", adapter=adapter)
-    vocab = None
+    vocab = ollama = None
     if write_gguf:  # every reason to refuse the GGUF comes before the slow part
         check_gguf_support(lm.model.config, model_id)
         vocab = gguf_vocabulary(model_id, lm.tokenizer, lm.model.config.vocab_size)
+        ollama = modelfile(target.gguf(gguf_type).name, system, lm.tokenizer)
     log(f"answering the {len(tweets)} validation tweets with the adapter (greedy)")
     adapter_answers = generate_batch(lm, system, tweets)
     log("merging the LoRA weights into the base weights (float32)")
@@ -81,10 +95,10 @@ def export(cp, *, checkpoint: str = "last", out=None, gguf_type: str = DEFAULT_G
         if write_gguf:
             log(f"writing {target.gguf(gguf_type).name} ({gguf_type})")
             write_gguf_file(tmp.gguf(gguf_type), merged, vocab, gguf_type, name=f"{model_id} + {adapter.name}")
-            write_bytes(tmp.modelfile, modelfile(tmp.gguf(gguf_type).name, system, merged.tokenizer).encode())
+            write_bytes(tmp.modelfile, ollama.encode("utf-8"))
         log(f"saving the merged model ({dtype_name(dtype)})")
-        info = dict(model_id=model_id, adapter=adapter, system=system, dtype=dtype, checks=checks,
-                    gguf=target.gguf(gguf_type) if write_gguf else None)
+        info = dict(model_id=model_id, adapter=adapter, checkpoint=checkpoint, system=system, dtype=dtype,
+                    checks=checks, gguf=target.gguf(gguf_type) if write_gguf else None)
         save_merged(tmp.merged, merged, dtype, model_id, readme(target, info))
         replace_dir(tmp.root, target.root)
     except BaseException:
@@ -220,25 +234,33 @@ class Vocabulary:
 
 
 def base_file(model_id: str, name: str) -> Path | None:
-    """A file of the base model's folder (local folder or Hugging Face cache/hub); None if it has none."""
+    """A file of the base model's folder (local folder or Hugging Face cache/hub); None if it has none.
+
+    transformers fetches only the files it loads (not tokenizer.model), so a hub model's cache may lack it:
+    the cache is tried first, then the hub (without the network, the same message as 03's)."""
     from .modeling import is_hub_id
 
     if not is_hub_id(model_id):
         path = Path(model_id).expanduser() / name
         return path if path.is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RemoteEntryNotFoundError)
 
     try:
-        return Path(hf_hub_download(model_id, name))
+        return Path(hf_hub_download(model_id, name, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise UserError(f"--model {model_id}: {name} is not in the local Hugging Face cache and the hub cannot "
-                        f"be reached (offline?): connect once, or pass --no-gguf") from None
-    except EntryNotFoundError:
+        pass
+    try:
+        return Path(hf_hub_download(model_id, name))
+    except RemoteEntryNotFoundError:
         return None
-    except (HfHubHTTPError, OSError) as e:
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError):
+        raise UserError(f"--model {model_id}: {name} is not in the local Hugging Face cache and the hub cannot "
+                        "be reached (offline?): connect once to download it, or pass --no-gguf") from None
+    except HfHubHTTPError as e:
         raise UserError(f"--model {model_id}: could not fetch {name} ({str(e).splitlines()[0]}): "
-                        "connect to the hub, or pass --no-gguf") from None
+                        "check the connection, or pass --no-gguf") from None
 
 
 def gguf_vocabulary(model_id: str, tokenizer, n_vocab: int) -> Vocabulary:
@@ -261,15 +283,18 @@ def gguf_vocabulary(model_id: str, tokenizer, n_vocab: int) -> Vocabulary:
         vocab.tokens.append(sp.id_to_piece(i))
         vocab.scores.append(sp.get_score(i))
         vocab.types.append(int(kind))
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items() if i < len(vocab.tokens)}
+    for i, token in added.items():  # transformers' reading of these wins, as for the model's training
+        vocab.tokens[i] = token.content
+        vocab.types[i] = int(T.CONTROL if token.special else T.USER_DEFINED)
+    # Every other piece must be the transformers tokenizer's token of the same id, or llama.cpp would
+    # read other ids than the model was trained on.
     hf_pieces = tokenizer.convert_ids_to_tokens(list(range(len(vocab.tokens))))
-    mismatch = next((i for i, (a, b) in enumerate(zip(vocab.tokens, hf_pieces)) if a != b), None)
+    mismatch = next((i for i, (a, b) in enumerate(zip(vocab.tokens, hf_pieces)) if a != b and i not in added), None)
     if mismatch is not None:
         raise UserError(f"{path} and the model's tokenizer.json disagree (token {mismatch}: "
                         f"{vocab.tokens[mismatch]!r} vs {hf_pieces[mismatch]!r}): use the model's original "
                         "tokenizer files, or pass --no-gguf")
-    for i, added in tokenizer.added_tokens_decoder.items():
-        if i < len(vocab.tokens):
-            vocab.types[i] = int(T.CONTROL if added.special else T.USER_DEFINED)
     # Embedding rows past the tokenizer's pieces get placeholder tokens that never match text.
     for i in range(len(vocab.tokens), n_vocab):
         vocab.tokens.append(f"[PAD{i}]")
@@ -404,7 +429,10 @@ def modelfile(gguf_name: str, system: str | None, tokenizer) -> str:
 # ---- what is written and said ---------------------------------------------------------------------
 
 def readme(target: ExportDir, info: dict) -> str:
+    from .generation import conversation
+
     system = info["system"] or "(none)"
+    messages = conversation(info["system"], EXAMPLE_TWEET)
     gguf_line = (f"- `../{info['gguf'].name}`: the same model as GGUF for llama.cpp, and `../Modelfile` for "
                  f"Ollama (`ollama create {OLLAMA_NAME} -f Modelfile` in that folder).\n" if info["gguf"] else "")
     checks = "\n".join(f"- {line}" for line in info["checks"])
@@ -414,7 +442,7 @@ A standalone Hugging Face model: the LoRA adapter merged into its base model's w
 transformers (no PEFT) and answers a Japanese tweet with one emoji.
 
 - base model: `{info['model_id']}`
-- adapter (checkpoint): `{info['adapter']}`
+- adapter: `{info['adapter']}` (`--checkpoint {info['checkpoint']}`)
 - system prompt it was trained with: `{system}`
 - exported: {datetime.date.today().isoformat()} by 07_export_model.py
 - weights: {dtype_name(info['dtype'])}, merged in float32
@@ -427,9 +455,9 @@ Checked on the validation tweets:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("{target.merged}")
-model = AutoModelForCausalLM.from_pretrained("{target.merged}")
-msgs = [{{"role": "system", "content": "{system}"}}, {{"role": "user", "content": "{EXAMPLE_TWEET}"}}]
+tok = AutoTokenizer.from_pretrained({str(target.merged)!r})
+model = AutoModelForCausalLM.from_pretrained({str(target.merged)!r})
+msgs = {messages!r}
 ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 print(tok.decode(model.generate(**ids)[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 ```

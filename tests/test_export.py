@@ -348,7 +348,12 @@ def test_unfinished_run_and_missing_base_model(export_run, tmp_path):
 def test_overwrite_and_best_checkpoint(export_run, tmp_path):
     out = tmp_path / "exp"
     out.mkdir()
-    (out / "old-file").write_text("x")
+    (out / "notes.txt").write_text("mine")
+    r = run_script("07_export_model.py", "--checkpoint-dir", export_run, "--out", out, "--overwrite", "--no-gguf")
+    assert_user_error(r, f"{out} is not an export folder (it holds notes.txt)")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    (out / "model-q8_0.gguf").write_text("an older export")
     best = load_json(export_run / "metrics.json")["best_epoch"]
     r = run_script("07_export_model.py", "--checkpoint-dir", export_run, "--checkpoint", "best", "--out", out,
                    "--overwrite", "--no-gguf")
@@ -379,3 +384,21 @@ def test_model_without_sentencepiece_file_is_refused_for_gguf(learned_run, tmp_p
     r = run_script("07_export_model.py", "--checkpoint-dir", learned_run, "--out", tmp_path / "b", "--no-gguf")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "b/merged/model.safetensors").is_file()
+
+
+def test_sentencepiece_file_that_disagrees_with_the_tokenizer_is_refused(export_run, sp_model, tmp_path):
+    """A tokenizer.model whose pieces are not tokenizer.json's would make llama.cpp read other token ids."""
+    from tiny_gemma import build_sentencepiece_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(sp_model, model)
+    build_sentencepiece_tokenizer(tmp_path / "other", vocab_size=1400)
+    shutil.copyfile(tmp_path / "other/tokenizer.model", model / "tokenizer.model")
+    run = tmp_path / "run"
+    shutil.copytree(export_run, run, ignore=shutil.ignore_patterns("export*"))
+    info = load_json(run / "run.json")
+    info["base_model"] = str(model)
+    (run / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    assert_user_error(run_script("07_export_model.py", "--checkpoint-dir", run), "tokenizer.model and the model's "
+                      "tokenizer.json disagree", "--no-gguf")
+    assert not (run / "export").exists()
