@@ -34,6 +34,8 @@ class CheckpointDir:
         self.loss_plot = self.root / "loss.png"
         self.eval_base = self.root / "eval_base.json"
         self.eval_compare = self.root / "eval_compare.json"
+        # 07
+        self.export_dir = self.root / "export"
 
     def epoch_dir(self, epoch: int) -> Path:
         return self.epochs_dir / f"epoch-{epoch}"
@@ -49,8 +51,8 @@ class CheckpointDir:
         return self.adapter.exists() or bool(self.saved_epochs())
 
     def derived_outputs(self) -> list[Path]:
-        """What 04 and 05 made from a run: stale once the run changes."""
-        return [self.loss_plot, self.eval_base, self.eval_compare]
+        """What 04, 05 and 07 made from a run: stale once the run changes."""
+        return [self.loss_plot, self.eval_base, self.eval_compare, self.export_dir]
 
     def training_outputs(self) -> list[Path]:
         """Everything 03 writes and what was made from it: what --overwrite clears before a new run."""
@@ -90,6 +92,7 @@ def atomic_dir(path: Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; ours are not
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old")
@@ -145,9 +148,9 @@ def best_epoch(epochs: list[dict]) -> int:
     return min(epochs, key=lambda e: (e["val_loss"], e["epoch"]))["epoch"]
 
 
-def resolve_adapter(cp: CheckpointDir, name: str) -> Path:
-    """The adapter folder for --checkpoint last|best|epoch-N."""
-    hint = "run 03_train_model.py first, or use --base to test the base model"
+def resolve_adapter(cp: CheckpointDir, name: str,
+                    hint: str = "run 03_train_model.py first, or use --base to test the base model") -> Path:
+    """The adapter folder for --checkpoint last|best|epoch-N; `hint` ends the message when there is none."""
     saved = cp.saved_epochs()
     if name == "last":
         if not cp.adapter.exists():
@@ -163,7 +166,7 @@ def resolve_adapter(cp: CheckpointDir, name: str) -> Path:
         epochs = read_json(cp.metrics).get("epochs") or []
         if not epochs:
             raise UserError(f"{cp.metrics} lists no finished epoch: {hint}")
-        return resolve_adapter(cp, f"epoch-{best_epoch(epochs)}")
+        return resolve_adapter(cp, f"epoch-{best_epoch(epochs)}", hint)
     number = name.removeprefix("epoch-")
     if not name.startswith("epoch-") or not number.isdigit():
         raise UserError(f"--checkpoint {name}: use last, best or epoch-N (for example epoch-2)")

@@ -2,6 +2,7 @@
 built locally (no hub access) and saved like a downloaded model, so tests load it by path.
 
     uv run python tests/tiny_gemma.py /tmp/tiny-gemma    # build one to try the scripts by hand
+    uv run python tests/tiny_gemma.py /tmp/tiny-gemma --sentencepiece   # with tokenizer.model, for 07's GGUF
 """
 
 import json
@@ -68,13 +69,54 @@ def build_tokenizer(path: Path, vocab_size: int = 1024):
     return fast
 
 
-def build_tiny_gemma(path, seed: int = 0, layers: int = 2) -> Path:
-    """Save a tiny Gemma3ForCausalLM + tokenizer + generation_config to path; return path."""
+SENTENCEPIECE_VOCAB = 1500  # covers every character of the shipped tweets, so none falls back to bytes
+# Gemma's vocabulary has the space (as "▁") and ASCII as pieces; the tweets alone would leave them to bytes.
+ASCII = " ".join("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!?.,")
+
+
+def build_sentencepiece_tokenizer(path: Path, vocab_size: int = SENTENCEPIECE_VOCAB):
+    """A tokenizer built like Gemma's real one: a SentencePiece BPE model with byte fallback
+    (`tokenizer.model`, which llama.cpp's Gemma 3 support reads) and the matching transformers
+    GemmaTokenizer (`tokenizer.json`). Ids as in Gemma: pad 0, eos 1, bos 2, unk 3."""
+    import io
+
+    import sentencepiece as spm
+    from tokenizers.models import BPE
+    from transformers import GemmaTokenizer
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    path.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus() + [ASCII]), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=1.0, split_digits=True,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=SPECIAL_TOKENS[4:], minloglevel=2,
+    )
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    extracted = SentencePieceExtractor(str(path / "tokenizer.model")).extract(BPE)
+    # Gemma's own tokenizer marks the turn markers special (kept whole, skipped when decoding answers);
+    # no <mask> token, so the embedding has exactly the SentencePiece vocabulary's rows.
+    tok = GemmaTokenizer(vocab=extracted["vocab"], merges=extracted["merges"], mask_token=None,
+                         extra_special_tokens=SPECIAL_TOKENS[4:])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return tok
+
+
+def build_tiny_gemma(path, seed: int = 0, layers: int = 2, tokenizer: str = "bpe") -> Path:
+    """Save a tiny Gemma3ForCausalLM + tokenizer + generation_config to path; return path.
+
+    tokenizer: "bpe" (a byte-level BPE tokenizer.json, fast to build) or "sentencepiece" (Gemma's
+    real kind, with tokenizer.model, for tests that run the model in llama.cpp)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
-    tokenizer = build_tokenizer(path)
+    if tokenizer not in ("bpe", "sentencepiece"):
+        raise ValueError(f"tokenizer={tokenizer!r}: use 'bpe' or 'sentencepiece'")
+    tokenizer = build_tokenizer(path) if tokenizer == "bpe" else build_sentencepiece_tokenizer(path)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = AutoConfig.for_model(
         "gemma3_text",
@@ -100,5 +142,7 @@ def build_tiny_gemma(path, seed: int = 0, layers: int = 2) -> Path:
 
 
 if __name__ == "__main__":
-    out = build_tiny_gemma(sys.argv[1] if len(sys.argv) > 1 else "tiny-gemma")
-    print(f"wrote a tiny Gemma 3 model to {out}")
+    args = [a for a in sys.argv[1:] if a != "--sentencepiece"]
+    kind = "sentencepiece" if "--sentencepiece" in sys.argv[1:] else "bpe"
+    out = build_tiny_gemma(args[0] if args else "tiny-gemma", tokenizer=kind)
+    print(f"wrote a tiny Gemma 3 model ({kind} tokenizer) to {out}")
