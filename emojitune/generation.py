@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from .chat import prompt_ids
 from .cli import option
 from .console import UserError
+from .modeling import quiet_libraries
 
 
 @dataclass
@@ -76,7 +77,7 @@ def generate_batch(lm, system: str | None, users: list[str], sampling: Sampling 
         for row, i in enumerate(idx):
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
-        with torch.no_grad():
+        with torch.no_grad(), quiet_libraries():  # no notes on Gemma's sampling flags we switch off
             out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                                     generation_config=config, streamer=streamer)
         for row, i in enumerate(idx):

@@ -89,6 +89,8 @@ def cached_snapshot(model_id: str) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    if not is_hub_id(model_id):
+        return None
     try:
         folder = Path(snapshot_download(model_id, local_files_only=True))
     except LocalEntryNotFoundError:  # not cached: transformers will download it

@@ -325,7 +325,7 @@ def test_refusals(export_run, tmp_path):
     assert_user_error(run_script("07_export_model.py", "--checkpoint-dir", export_run, "--gguf-type", "q4_k"),
                       "--gguf-type q4_k", "f16, q8_0, f32")
     assert_user_error(run_script("07_export_model.py", "--checkpoint-dir", export_run, "--checkpoint", "epoch-99"),
-                      "epoch-99 not found", "run 03_train_model.py first")
+                      "epoch-99 not found", "the saved epochs are", "--checkpoint epoch-N")
     before = sorted(p.name for p in (export_run / "export").iterdir())
     r = run_script("07_export_model.py", "--checkpoint-dir", export_run)
     assert_user_error(r, f"{export_run / 'export'} already exists", "--overwrite")
@@ -336,12 +336,12 @@ def test_refusals(export_run, tmp_path):
 def test_unfinished_run_and_missing_base_model(export_run, tmp_path):
     d = tmp_path / "run"
     shutil.copytree(export_run, d, ignore=shutil.ignore_patterns("export*", "adapter"))
-    assert_user_error(run_script("07_export_model.py", "--checkpoint-dir", d), "try --checkpoint best")
+    assert_user_error(run_script("07_export_model.py", "--checkpoint-dir", d), "--checkpoint best", "--resume")
     run = load_json(d / "run.json")
     run["base_model"] = str(tmp_path / "moved-away")
     (d / "run.json").write_text(json.dumps(run), encoding="utf-8")
     assert_user_error(run_script("07_export_model.py", "--checkpoint-dir", d, "--checkpoint", "best"),
-                      "moved-away: no such folder")  # the same message as 03's --model check
+                      "run.json names the base model folder", "moved-away", "--model PATH")  # as 05/06 and 03
     assert not (d / "export").exists()
 
 
