@@ -259,3 +259,14 @@ def test_test_base_with_history_reports_the_repeat_rate(learned_run):
         assert {k: saved["summary"][name][k] for k in ("repeats", "pairs", "repeat_rate")} == repeats(answers)
         s = saved["summary"][name]
         assert f"{name}: repeats its previous answer {s['repeat_rate']:.2f} ({s['repeats']}/5)" in r.stdout
+
+
+def test_trained_labels_include_earlier_turns(tmp_path):
+    """06 --labels-only chooses among every label trained on, those of earlier turns of a conversation too."""
+    from emojitune.checkpoints import CheckpointDir, write_bytes
+    from emojitune.data import Record, encode_records
+    from emojitune.session import trained_labels
+
+    cp = CheckpointDir(tmp_path)
+    write_bytes(cp.train, encode_records([Record(SYSTEM, "b", "😀", history=[("a", "😨")]), Record(None, "c", "😭")]))
+    assert trained_labels(cp) == ["😨", "😀", "😭"]
