@@ -1,6 +1,7 @@
 """05: answer a set of tweets with the base model (and, with --compare, the tuned adapter) and score it;
 with --history N, ask them in order as one running conversation and measure how often answers repeat."""
 
+from itertools import pairwise
 from pathlib import Path
 
 from .checkpoints import CheckpointDir, write_json
@@ -25,7 +26,7 @@ def summarize(answers: list[str], expected: list[str], labels: set[str]) -> dict
 def repeats(answers: list[str]) -> dict:
     """How often an answer equals the answer just before it (in the order the tweets were asked)."""
     pairs = len(answers) - 1
-    same = sum(a == b for a, b in zip(answers, answers[1:]))
+    same = sum(a == b for a, b in pairwise(answers))
     return {"repeats": same, "pairs": max(pairs, 0), "repeat_rate": same / pairs if pairs > 0 else 0.0}
 
 
