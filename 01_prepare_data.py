@@ -17,8 +17,9 @@ DEFAULT_INPUT = "training_data_emotion_jp.json"
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=DEFAULT_INPUT,
-                   help="JSON array or JSONL of {'messages': [...]} records, or CSV/TSV with a header that has "
-                        f"a text column and an emoji column (default: {DEFAULT_INPUT})")
+                   help="JSON array or JSONL of {'messages': [...]} records (one tweet, or a conversation of "
+                        "user/assistant turns), or CSV/TSV with a header that has a text column and an emoji "
+                        f"column (default: {DEFAULT_INPUT})")
     p.add_argument("--system", default=None,
                    help="replace the system prompt of every record (CSV/TSV default: "
                         f"{DEFAULT_SYSTEM_PROMPT}); --system '' removes it")

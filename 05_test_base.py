@@ -3,6 +3,7 @@
     uv run 05_test_base.py
     uv run 05_test_base.py --compare            # base and tuned side by side
     uv run 05_test_base.py --input my_tweets.json --limit 20
+    uv run 05_test_base.py --compare --history 8    # one running conversation: does the model repeat itself?
 
 Writes checkpoints/eval_base.json (checkpoints/eval_compare.json with --compare).
 """
@@ -10,8 +11,8 @@ Writes checkpoints/eval_base.json (checkpoints/eval_compare.json with --compare)
 import argparse
 from pathlib import Path
 
-from emojitune.cli import (add_checkpoint, add_checkpoint_dir, add_device, add_model, add_options, add_system,
-                           checkpoint_dir, options_from_args)
+from emojitune.cli import (add_checkpoint, add_checkpoint_dir, add_device, add_history, add_model, add_options,
+                           add_system, checkpoint_dir, options_from_args)
 from emojitune.console import log, run_main
 from emojitune.evaluation import evaluate
 from emojitune.generation import Sampling
@@ -28,6 +29,8 @@ def main():
     p.add_argument("--compare", action="store_true", help="also run the tuned adapter and show both")
     add_checkpoint(p, "the adapter --compare runs (giving it implies --compare)", default_none=True)
     add_system(p)
+    add_history(p, "ask the tweets in file order as one running conversation that keeps the last N tweets and "
+                   "the model's own answers, and compare how often an answer repeats the previous one")
     add_options(p, Sampling, group=True)
     args = p.parse_args()
     sampling, _ = options_from_args(Sampling, args)
@@ -35,7 +38,8 @@ def main():
         log(f"--checkpoint {args.checkpoint}: comparing the base model with that adapter (implies --compare)")
     evaluate(checkpoint_dir(args), input_path=args.input, limit=args.limit,
              compare=args.compare or args.checkpoint is not None, model=args.model,
-             checkpoint=args.checkpoint or "last", system=args.system, device=args.device, sampling=sampling)
+             checkpoint=args.checkpoint or "last", system=args.system, device=args.device, sampling=sampling,
+             history=args.history)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """Step 6: ask the tuned model (or the base model) for the emoji of one tweet at a time.
 
-Every input is sent as a fresh conversation (system prompt + that tweet only, no history).
+Every input is sent as a fresh conversation (system prompt + that tweet only, no history), unless
+--history N keeps the last N tweets and answers in the conversation.
 
     uv run 06_test_finetuned_single.py                      # interactive, tuned adapter
     uv run 06_test_finetuned_single.py --base               # the base model, same system prompt
     echo 今日は最高の一日だった | uv run 06_test_finetuned_single.py      # one answer line per input line
     uv run 06_test_finetuned_single.py --labels-only --top 3 < tweets.txt
+    uv run 06_test_finetuned_single.py --history 8           # a continuing chat: the last 8 turns are kept
 """
 
 import argparse
 
-from emojitune.cli import (add_checkpoint, add_checkpoint_dir, add_device, add_model, add_options, add_system,
-                           checkpoint_dir, options_from_args)
+from emojitune.cli import (add_checkpoint, add_checkpoint_dir, add_device, add_history, add_model, add_options,
+                           add_system, checkpoint_dir, options_from_args)
 from emojitune.console import run_main
 from emojitune.generation import Sampling
 from emojitune.tester import run_tester
@@ -29,12 +31,13 @@ def main():
                    help="answer only with a label seen in training, the one the model finds most likely")
     p.add_argument("--top", type=int, default=0, metavar="K",
                    help="print the K most likely trained labels with probabilities (implies --labels-only)")
+    add_history(p, "keep the last N tweets and answers in the conversation, as in a continuing chat")
     add_options(p, Sampling, group=True)
     args = p.parse_args()
     sampling, _ = options_from_args(Sampling, args)
     run_tester(checkpoint_dir(args), checkpoint=args.checkpoint, base=args.base, model=args.model,
                system=args.system, device=args.device, sampling=sampling, labels_only=args.labels_only,
-               top=args.top)
+               top=args.top, history=args.history)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     uv run benchmarks/bench_train.py                    # in-process table (~5 min on 2 CPU cores)
     uv run benchmarks/bench_train.py --whole-process    # also time whole 03 runs vs the original recipe
+    uv run benchmarks/bench_train.py --multi-turn 4     # only: the default recipe, single tweets vs conversations
 
 Speed depends on shapes, not weight values, so a random-weight model of the exact shape gives the real
 model's timings (not its losses). The tokenizer is a small byte-level BPE whose prompts for the shipped
@@ -108,8 +109,10 @@ def useful_gflop(lengths: list[int], answers: list[int], cfg=GEMMA_3_270M, r: in
 
 # ---- the measured pieces ---------------------------------------------------------------------------
 
-def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkpointing=False):
-    """03's own training step (training.train_step) on this model, after one warm-up step."""
+def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkpointing=False, multi_turn=1):
+    """03's own training step (training.train_step) on this model, after one warm-up step. A sample is a
+    tweet: with multi_turn above 1, the tweets are chained into conversations as in 03's first epoch, and
+    steps are timed until as many tweets have been trained on."""
     import torch
     from accelerate import Accelerator
     from peft import LoraConfig
@@ -117,7 +120,7 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
     from emojitune.chat import encode, pad_id
     from emojitune.loss import answer_loss_module
     from emojitune.modeling import load_model
-    from emojitune.training import TrainSettings, epoch_batches, make_optimizer, train_step
+    from emojitune.training import TrainSettings, chained_examples, epoch_batches, make_optimizer, train_step
 
     torch.manual_seed(42)
     lm = load_model(str(model_path), "cpu" if not torch.cuda.is_available() else "cuda",
@@ -126,9 +129,11 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
         lm.model.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     accelerator = Accelerator(cpu=lm.device == "cpu")
-    examples = encode(lm, records)
+    settings = TrainSettings(multi_turn=multi_turn)
+    examples = chained_examples(lm, records, settings, 1) if multi_turn > 1 else encode(lm, records)
+    tweets = [e.answers for e in examples]
     params = [p for p in lm.model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, TrainSettings(), lm.device)
+    optimizer = make_optimizer(params, settings, lm.device)
     loss_module = accelerator.prepare(answer_loss_module(lm.model))
     answer_tokens = [e.answer_tokens for e in examples]
     pad = pad_id(lm.tokenizer)
@@ -143,7 +148,7 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
         if n >= samples:
             break
         todo.append(b)
-        n += len(b)
+        n += sum(tweets[i] for i in b)
     reset_peak_rss()
     sync(lm.device)
     start = time.perf_counter()
@@ -265,6 +270,9 @@ def main():
     p.add_argument("--samples", type=int, default=32, help="training samples timed per configuration")
     p.add_argument("--whole-process", action="store_true", help="also time whole 03 processes vs TRL")
     p.add_argument("--skip-trl", action="store_true", help="skip the TRL original recipe (slow)")
+    p.add_argument("--multi-turn", type=int, default=None, metavar="K",
+                   help="time only the default recipe on single tweets and on conversations of 2..K turns "
+                        "(03 --multi-turn K), per tweet trained on")
     args = p.parse_args()
 
     import torch
@@ -282,6 +290,9 @@ def main():
     peak = matmul_peak_gflops(device)
     print(f"fp32 matmul peak measured here: {peak:.0f} GFLOP/s", flush=True)
 
+    if args.multi_turn is not None:
+        multi_turn_table(model_path, train, args.samples, args.multi_turn, peak)
+        return
     rows = []  # (name, s/sample, useful GFLOP/sample, peak GB)
     if not args.skip_trl:
         s, _, mem = time_trl(model_path, _write_train(train), args.samples)
@@ -319,6 +330,24 @@ def main():
         print("|---|---|---|")
         for name, s in results:
             print(f"| {name} | {s:.1f} | {results[0][1] / s:.1f}x |")
+
+
+def multi_turn_table(model_path, train, samples: int, k: int, peak: float) -> None:
+    """The default recipe with single tweets and with 03 --multi-turn k, timed one after the other on the
+    same number of tweets: conversations are longer, and each step trains on several answers."""
+    rows = []
+    for turns in (1, k):
+        name = f"ours, default recipe, --multi-turn {turns}"
+        s, gflop, mem = time_ours(model_path, train, 1, 0.05, samples, multi_turn=turns)
+        rows.append((name, s, gflop, mem))
+        print(f"  measured {name}: {s:.3f} s/sample", flush=True)
+    print()
+    print("| configuration (a sample is a tweet) | s/sample | samples/s | useful GFLOP/s | % of matmul peak "
+          "| peak memory | time vs --multi-turn 1 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s, gflop, mem in rows:
+        print(f"| {name} | {s:.3f} | {1 / s:.2f} | {gflop / s:.0f} | {100 * gflop / s / peak:.0f}% | {mem:.1f} GB "
+              f"| {s / rows[0][1]:.2f}x |")
 
 
 def _write_train(train) -> Path:

@@ -1,23 +1,32 @@
-"""Conversations as token ids: the prompt of a fresh [system?, user] chat, the answer the model should
-give, and training examples with Hugging Face-style labels.
+"""Conversations as token ids: the prompt of a [system?, user] chat (with earlier turns, if any), the
+answer the model should give, and training examples with Hugging Face-style labels.
 
-No chat history is ever sent: a model trained on single turns drifts into repeating one emoji when
-earlier turns are in its context.
+A conversation of several turns is built turn by turn: each turn's prompt as the chat template writes
+it, each answer as the model itself produces it (answer_ids). Training, 05 and 06 --history all build
+earlier turns this way, so a model sees at test time the same ids it was trained on.
 """
 
 from dataclasses import dataclass
 
+from .console import UserError
+
 IGNORE = -100  # the label of a position that carries no loss (PyTorch's and Hugging Face's convention)
 
 
-def conversation(system: str | None, user: str) -> list[dict]:
+def conversation(system: str | None, user: str, history=()) -> list[dict]:
+    """Chat messages: the system prompt, the earlier (tweet, answer) turns, then the new tweet."""
     messages = [{"role": "system", "content": system}] if system else []
+    for tweet, answer in history:
+        messages += [{"role": "user", "content": tweet}, {"role": "assistant", "content": answer}]
     return messages + [{"role": "user", "content": user}]
 
 
-def prompt_ids(tokenizer, system: str | None, user: str) -> list[int]:
+def prompt_ids(tokenizer, system: str | None, user: str, history=(), end_of_turn_id: int | None = None) -> list[int]:
     """Chat template straight to ids: rendering to a string and tokenizing it again would add a second
-    <bos> (the template writes one, and the tokenizer adds its own)."""
+    <bos> (the template writes one, and the tokenizer adds its own). With `history`, the earlier
+    (tweet, answer) turns come first, built as in training (conversation_example)."""
+    if history:
+        return conversation_example(tokenizer, system, [*history, (user, None)], end_of_turn_id).input_ids
     return list(tokenizer.apply_chat_template(conversation(system, user), add_generation_prompt=True,
                                               return_dict=False))
 
@@ -43,11 +52,53 @@ class Example:
     def answer_tokens(self) -> int:
         return sum(t != IGNORE for t in self.labels)
 
+    @property
+    def answers(self) -> int:
+        """How many answers (turns) carry loss: runs of labelled positions."""
+        return sum(t != IGNORE and before == IGNORE for before, t in zip([IGNORE] + self.labels, self.labels))
+
+
+def conversation_example(tokenizer, system: str | None, turns, end_of_turn_id: int) -> Example:
+    """A conversation of (tweet, answer) turns as one example with loss on every answer (its tokens and
+    its end of turn); the system prompt, the tweets and the template's turn markers carry none. A last
+    answer of None stops at that turn's prompt (to generate the answer). One turn gives exactly
+    Example.of(prompt_ids(...), answer_ids(...)).
+
+    The chat template is rendered once per turn, up to that turn's tweet. It writes the earlier turns
+    again, their answers tokenized in the middle of the text; those ids are already built (the answers
+    as answer_ids, the way the model generates them), so only what follows the end of the last answer
+    is taken: the template's turn markers and the new tweet.
+    """
+    input_ids, labels, ends_before = [], [], 0
+    for k, (tweet, answer) in enumerate(turns):
+        rendered = list(tokenizer.apply_chat_template(conversation(system, tweet, turns[:k]),
+                                                      add_generation_prompt=True, return_dict=False))
+        prompt = rendered[_after(rendered, end_of_turn_id, ends_before + 1):] if k else rendered
+        ends_before = rendered.count(end_of_turn_id)
+        input_ids += prompt
+        labels += [IGNORE] * len(prompt)
+        if answer is None:
+            break
+        answer_tokens = answer_ids(tokenizer, answer, end_of_turn_id)
+        input_ids += answer_tokens
+        labels += answer_tokens
+    return Example(input_ids, labels)
+
+
+def _after(ids: list[int], token: int, n: int) -> int:
+    """The position just after the n-th `token` in ids."""
+    seen = 0
+    for i, t in enumerate(ids):
+        seen += t == token
+        if seen == n:
+            return i + 1
+    raise UserError("the model's chat template does not end each answer with its end-of-turn token, so "
+                    "conversations of several turns cannot be built for it: use single-turn data and --history 0")
+
 
 def encode(lm, records) -> list[Example]:
-    """Records (system, tweet, emoji) as training examples for this model's tokenizer."""
-    return [Example.of(prompt_ids(lm.tokenizer, r.system, r.user),
-                       answer_ids(lm.tokenizer, r.label, lm.end_of_turn_id)) for r in records]
+    """Records (system, tweet(s), emoji(s)) as training examples for this model's tokenizer."""
+    return [conversation_example(lm.tokenizer, r.system, r.turns, lm.end_of_turn_id) for r in records]
 
 
 def pad_id(tokenizer) -> int:

@@ -76,3 +76,8 @@ def add_system(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="system prompt sent with every tweet (default: the one the adapter was trained with, from "
                         "DIR/run.json; before any training, that of DIR/data/train.json; '' sends none)")
+
+
+def add_history(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--history", type=int, default=0, metavar="N",
+                   help=f"{what} (default: 0, every tweet is a fresh conversation)")

@@ -22,16 +22,29 @@ MIN_PER_LABEL = 10  # below this a label gets a warning: too few examples to lea
 
 class Record:
     """One validated example: an optional system prompt, the tweet and its emoji label, and the line of the
-    user's JSONL/CSV/TSV file it came from (for messages; not written to the data files)."""
+    user's JSONL/CSV/TSV file it came from (for messages; not written to the data files). A multi-turn
+    conversation keeps its earlier (tweet, emoji) turns in `history`; `user` and `label` are its last turn."""
 
-    __slots__ = ("system", "user", "label", "line")
+    __slots__ = ("system", "user", "label", "line", "history")
 
-    def __init__(self, system: str | None, user: str, label: str, line: int | None = None):
-        self.system, self.user, self.label, self.line = system, user, label, line
+    def __init__(self, system: str | None, user: str, label: str, line: int | None = None,
+                 history: tuple[tuple[str, str], ...] = ()):
+        self.system, self.user, self.label, self.line, self.history = system, user, label, line, tuple(history)
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        """Every (tweet, emoji) turn, in order."""
+        return [*self.history, (self.user, self.label)]
+
+    @property
+    def labels(self) -> list[str]:
+        """Every answer of the conversation, in order."""
+        return [label for _, label in self.turns]
 
     def to_messages(self) -> dict:
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
-        messages += [{"role": "user", "content": self.user}, {"role": "assistant", "content": self.label}]
+        for user, label in self.turns:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": label}]
         return {"messages": messages}
 
 
@@ -199,28 +212,39 @@ def _validate_messages(messages, system_override):
         roles.append(role)
     if problems:
         return None, problems
-    expected = ["system", "user", "assistant"] if roles[0] == "system" else ["user", "assistant"]
-    if roles != expected:
+    body = roles[1:] if roles[0] == "system" else roles
+    turns = len(body) // 2
+    if body != ["user", "assistant"] * max(turns, 1):
         if "assistant" not in roles:
             problems.append("missing the assistant answer (the emoji): add "
                             '{"role": "assistant", "content": "<emoji>"} after the tweet')
         elif "user" not in roles:
             problems.append('missing the user tweet: add {"role": "user", "content": "<tweet>"}')
+        elif body == ["user", "assistant"] * turns + ["user"]:
+            problems.append(f"turn {turns + 1}: missing the assistant answer (the emoji) after the last tweet: add "
+                            '{"role": "assistant", "content": "<emoji>"} or remove the tweet')
         else:
-            problems.append(f"roles are {' → '.join(map(str, roles))}; expected "
-                            "system (optional) → user → assistant, one each, in that order")
+            problems.append(f"roles are {' → '.join(map(str, roles))}; expected system (optional) → user → "
+                            "assistant, then more user → assistant pairs for a conversation, in that order")
         return None, problems
-    by_role = {m["role"]: m.get("content") for m in messages}
-    system = by_role.get("system")
-    if "system" in by_role:
-        system = _check_text(system, "system prompt", problems)
-    user = _check_text(by_role["user"], "tweet", problems)
-    label = _check_label(by_role["assistant"], problems)
+    system = None
+    if roles[0] == "system":
+        system = _check_text(messages[0].get("content"), "system prompt", problems)
+    pairs = messages[len(roles) - len(body):]
+    checked = []
+    for turn in range(turns):
+        found = []
+        user = _check_text(pairs[2 * turn].get("content"), "tweet", found)
+        label = _check_label(pairs[2 * turn + 1].get("content"), found)
+        # A single-turn record's problems read as before; in a conversation each names its turn.
+        problems += [f"turn {turn + 1}: {p}" for p in found] if turns > 1 else found
+        checked.append((user, label))
     if problems:
         return None, problems
     if system_override is not None:
         system = system_override or None
-    return Record(system, user, label), []
+    *history, (user, label) = checked
+    return Record(system, user, label, history=history), []
 
 
 def _check_text(value, what: str, problems: list[str]) -> str | None:
@@ -272,18 +296,21 @@ def load_records(path: Path, system_override: str | None = None) -> list[Record]
 
 
 def drop_duplicates(records: list[Record]) -> tuple[list[Record], list[str]]:
-    """Keep the first of each exact duplicate tweet; return the kept records and one warning per drop."""
-    seen: dict[str, tuple[int, Record]] = {}
+    """Keep the first of each exact duplicate tweet (for conversations, the same tweets in the same order);
+    return the kept records and one warning per drop."""
+    seen: dict[tuple[str, ...], tuple[int, Record]] = {}
     kept, warnings = [], []
     for number, r in enumerate(records, 1):
-        if r.user in seen:
-            first_number, first = seen[r.user]
-            label = first.label
-            extra = "" if label == r.label else f" with a different label ({r.label} vs {label}; kept {label})"
+        key = tuple(user for user, _ in r.turns)
+        if key in seen:
+            first_number, first = seen[key]
+            label, labels = " ".join(first.labels), " ".join(r.labels)
+            extra = "" if label == labels else f" with a different label ({labels} vs {label}; kept {label})"
             named = f"record {first_number}" + (f" (line {first.line})" if first.line else "")
-            warnings.append(f"{record_name(number, r.line)} repeats the tweet of {named}{extra}: dropped")
+            what = "tweet" if len(key) == 1 else "tweets"
+            warnings.append(f"{record_name(number, r.line)} repeats the {what} of {named}{extra}: dropped")
             continue
-        seen[r.user] = (number, r)
+        seen[key] = (number, r)
         kept.append(r)
     return kept, warnings
 
@@ -300,7 +327,8 @@ def parse_labels(spec: str) -> list[str]:
 
 
 def filter_labels(records: list[Record], wanted: list[str], path: Path) -> list[Record]:
-    present = {r.label for r in records}
+    """Keep the records whose every answer is one of `wanted` (a conversation with another label goes)."""
+    present = {label for r in records for label in r.labels}
     missing = [w for w in wanted if w not in present]
     if missing:
         hints = []
@@ -310,12 +338,12 @@ def filter_labels(records: list[Record], wanted: list[str], path: Path) -> list[
         raise UserError(f"--labels: {', '.join(hints)} not found in {path}; labels there: "
                         f"{' '.join(label_counts(records))}")
     keep = set(wanted)
-    return [r for r in records if r.label in keep]
+    return [r for r in records if keep.issuperset(r.labels)]
 
 
 def label_counts(records: list[Record]) -> Counter:
-    """Count per label, in order of first appearance."""
-    return Counter(r.label for r in records)
+    """Count per label, every answer of a conversation included, in order of first appearance."""
+    return Counter(label for r in records for label in r.labels)
 
 
 def label_warnings(counts: Counter) -> list[str]:

@@ -1,12 +1,14 @@
-"""05: answer a set of tweets with the base model (and, with --compare, the tuned adapter) and score it."""
+"""05: answer a set of tweets with the base model (and, with --compare, the tuned adapter) and score it;
+with --history N, ask them in order as one running conversation and measure how often answers repeat."""
 
+from itertools import pairwise
 from pathlib import Path
 
 from .checkpoints import CheckpointDir, write_json
 from .console import UserError, log
 from .data import load_records, records_from_json
 from .emoji import is_single_emoji
-from .generation import Sampling, generate_batch
+from .generation import Sampling, converse, generate_batch
 from .session import as_base_model, load, resolve_setup, train_records
 
 
@@ -21,6 +23,18 @@ def summarize(answers: list[str], expected: list[str], labels: set[str]) -> dict
             "trained_label": known, "trained_label_share": known / n if n else 0.0}
 
 
+def repeats(answers: list[str]) -> dict:
+    """How often an answer equals the answer just before it (in the order the tweets were asked)."""
+    pairs = len(answers) - 1
+    same = sum(a == b for a, b in pairwise(answers))
+    return {"repeats": same, "pairs": max(pairs, 0), "repeat_rate": same / pairs if pairs > 0 else 0.0}
+
+
+def format_repeats(name: str, s: dict, labels: dict) -> str:
+    return (f"{name}: repeats its previous answer {s['repeat_rate']:.2f} ({s['repeats']}/{s['pairs']}); "
+            f"the labels themselves repeat {labels['repeat_rate']:.2f} ({labels['repeats']}/{labels['pairs']})")
+
+
 def format_summary(name: str, s: dict) -> str:
     return (f"{name}: accuracy {s['accuracy']:.2f} ({s['correct']}/{s['n']})  "
             f"one emoji {s['one_emoji_share']:.2f} ({s['one_emoji']}/{s['n']})  "
@@ -33,10 +47,12 @@ def _clip(text: str, width: int) -> str:
 
 def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | None = None, compare: bool = False,
              model: str | None = None, checkpoint: str = "last", system: str | None = None,
-             device: str = "auto", sampling: Sampling = Sampling()) -> dict:
+             device: str = "auto", sampling: Sampling = Sampling(), history: int = 0) -> dict:
     sampling.check()
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit} must be 1 or more")
+    if history < 0:
+        raise UserError(f"--history {history} must be 0 (each tweet alone) or more")
     if input_path is None:
         if not cp.val.exists():
             raise UserError(f"{cp.val} not found: run 02_split_data.py first, or pass --input FILE")
@@ -45,23 +61,33 @@ def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | 
     else:
         records = load_records(input_path)
     trained = train_records(cp)
-    labels = {r.label for r in (trained or records)}  # before --limit: the labels do not shrink with it
-    records = records[:limit] if limit else records
+    labels = {label for r in (trained or records) for label in r.labels}  # before --limit: it must not shrink them
     setup = resolve_setup(cp, model=model, checkpoint=checkpoint if compare else None, system=system)
     labels_from = str(cp.train) if trained else f"{input_path} (no {cp.train} yet)"
 
-    tweets, expected = [r.user for r in records], [r.label for r in records]
-    log(f"{len(records)} tweets from {input_path}; system prompt ({setup.system_from}): {setup.system or '(none)'}")
+    turns = [turn for r in records for turn in r.turns]  # every turn of a conversation is a tweet to test
+    turns = turns[:limit] if limit else turns
+    tweets, expected = [user for user, _ in turns], [label for _, label in turns]
+    log(f"{len(tweets)} tweets from {input_path}; system prompt ({setup.system_from}): {setup.system or '(none)'}")
     log(f"trained labels from {labels_from}: {len(labels)}")
+    log(f"history: one running conversation in file order, keeping the last {history} tweets and answers" if history
+        else "history: none, each tweet is a fresh conversation (--history N keeps the last N)")
     lm = load(setup, device)  # one load: the tuned answers with the adapter, the base answers without it
     adapter = f" + {setup.adapter}" if setup.adapter else ""
     log(f"model: {setup.model_id}{adapter} ({setup.model_from}) on {lm.device}")
+
+    def answer_all():
+        if history:
+            return converse(lm, setup.system, tweets, history, sampling)
+        return generate_batch(lm, setup.system, tweets, sampling)
+
     answers = {}
     with as_base_model(lm):
-        answers["base"] = generate_batch(lm, setup.system, tweets, sampling)
+        answers["base"] = answer_all()
     if compare:
-        answers["tuned"] = generate_batch(lm, setup.system, tweets, sampling)
-    summaries = {name: summarize(a, expected, labels) for name, a in answers.items()}
+        answers["tuned"] = answer_all()
+    summaries = {name: summarize(a, expected, labels) | repeats(a) for name, a in answers.items()}
+    labels_repeat = repeats(expected)
     results = []
     for i, (tweet, exp) in enumerate(zip(tweets, expected)):
         row = {"tweet": tweet, "expected": exp}
@@ -75,9 +101,11 @@ def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | 
         log(f"{i + 1:>3}. {_clip(tweet, 30)}  expected {exp}  " + "  ".join(cells))
     for name, s in summaries.items():
         log(format_summary(name, s))
+    for name, s in summaries.items():
+        log(format_repeats(name, s, labels_repeat))
     out = cp.eval_compare if compare else cp.eval_base
     write_json(out, {"base_model": setup.model_id, "adapter": str(setup.adapter) if setup.adapter else None,
                      "system_prompt": setup.system, "input": str(input_path), "max_new_tokens": sampling.max_new_tokens,
-                     "summary": summaries, "results": results})
+                     "history": history, "labels_repeat": labels_repeat, "summary": summaries, "results": results})
     log(f"wrote {out}")
     return {"summary": summaries, "results": results}

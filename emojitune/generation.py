@@ -1,6 +1,7 @@
-"""Generating answers: each tweet as a fresh [system?, user] conversation, greedy unless asked to sample.
-Used by 05 and 06."""
+"""Generating answers: each tweet as a fresh [system?, user] conversation, or after the earlier turns of a
+running one (--history); greedy unless asked to sample. Used by 05 and 06."""
 
+from collections import deque
 from dataclasses import dataclass
 
 from .chat import prompt_ids
@@ -54,18 +55,21 @@ def generation_config(lm, sampling: Sampling):
     )
 
 
-def generate(lm, system: str | None, user: str, sampling: Sampling = Sampling(), streamer=None) -> str:
-    """Answer one tweet as a fresh conversation; the decoded answer, stripped, on one line."""
-    return generate_batch(lm, system, [user], sampling, streamer=streamer)[0]
+def generate(lm, system: str | None, user: str, sampling: Sampling = Sampling(), streamer=None,
+             history=()) -> str:
+    """Answer one tweet, as a fresh conversation or after the (tweet, answer) turns in `history`;
+    the decoded answer, stripped, on one line."""
+    return generate_batch(lm, system, [user], sampling, streamer=streamer, history=history)[0]
 
 
 def generate_batch(lm, system: str | None, users: list[str], sampling: Sampling = Sampling(),
-                   batch_size: int = 8, streamer=None) -> list[str]:
-    """Answer many tweets, each as its own fresh conversation. Prompts are batched by length and
-    left-padded (the attention mask hides the padding), so a batch of one is plain generation."""
+                   batch_size: int = 8, streamer=None, history=()) -> list[str]:
+    """Answer many tweets, each as its own conversation (after the same `history`, if any). Prompts are
+    batched by length and left-padded (the attention mask hides the padding), so a batch of one is plain
+    generation."""
     import torch
 
-    prompts = [prompt_ids(lm.tokenizer, system, u) for u in users]
+    prompts = [prompt_ids(lm.tokenizer, system, u, history, lm.end_of_turn_id) for u in users]
     config = generation_config(lm, sampling)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
@@ -82,6 +86,16 @@ def generate_batch(lm, system: str | None, users: list[str], sampling: Sampling 
                                     generation_config=config, streamer=streamer)
         for row, i in enumerate(idx):
             answers[i] = decode_answer(lm.tokenizer, out[row, width:])
+    return answers
+
+
+def converse(lm, system: str | None, users: list[str], keep: int, sampling: Sampling = Sampling()) -> list[str]:
+    """Answer the tweets one after another as one running conversation that keeps the last `keep`
+    tweets with the model's own answers (0 = each tweet alone, as generate_batch does, only slower)."""
+    history, answers = deque(maxlen=keep), []
+    for user in users:
+        answers.append(generate(lm, system, user, sampling, history=list(history)))
+        history.append((user, answers[-1]))
     return answers
 
 

@@ -33,11 +33,11 @@ def system_prompt(cp: CheckpointDir, override: str | None) -> tuple[str | None, 
 
 
 def trained_labels(cp: CheckpointDir) -> list[str]:
-    """The emoji set seen in DIR/data/train.json, in order of first appearance."""
+    """The emoji set seen in DIR/data/train.json (every turn of a conversation), in order of first appearance."""
     records = train_records(cp)
     if not records:
         raise UserError(f"{cp.train} not found: the trained labels come from it: run 02_split_data.py first")
-    return list(dict.fromkeys(r.label for r in records))
+    return list(dict.fromkeys(label for r in records for label in r.labels))
 
 
 @dataclass

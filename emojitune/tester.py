@@ -1,6 +1,8 @@
-"""06: the history-free tester. Every input is a fresh conversation: [system?, user], nothing else."""
+"""06: the tester. Every input is a fresh conversation, [system?, user], unless --history N keeps the last
+N tweets and answers in it (to see how the model behaves in a continuing chat)."""
 
 import sys
+from collections import deque
 
 from .checkpoints import CheckpointDir
 from .console import UserError, log
@@ -25,11 +27,13 @@ def format_top(ranked: list[tuple[str, float]], k: int) -> str:
 
 def run_tester(cp: CheckpointDir, *, checkpoint: str = "last", base: bool = False, model: str | None = None,
                system: str | None = None, device: str = "auto", sampling: Sampling = Sampling(),
-               labels_only: bool = False, top: int = 0, stdin=None, stdout=None) -> None:
+               labels_only: bool = False, top: int = 0, history: int = 0, stdin=None, stdout=None) -> None:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     sampling.check()
     if top < 0:
         raise UserError(f"--top {top} must be 0 (off) or a number of labels to show")
+    if history < 0:
+        raise UserError(f"--history {history} must be 0 (each tweet alone) or more")
     labels_only = labels_only or top > 0
     setup = resolve_setup(cp, model=model, checkpoint=None if base else checkpoint, system=system)
     labels = trained_labels(cp) if labels_only else None
@@ -40,17 +44,24 @@ def run_tester(cp: CheckpointDir, *, checkpoint: str = "last", base: bool = Fals
     log(f"system prompt ({setup.system_from}): {setup.system or '(none)'}", err=True)
     if labels:
         log(f"answers restricted to the {len(labels)} trained labels: {' '.join(labels)}", err=True)
+    log(f"history: the conversation keeps your last {history} tweets and the answers to them" if history
+        else "history: none, each tweet is a new conversation (--history N keeps the last N)", err=True)
+    past = deque(maxlen=history)  # (tweet, answer) pairs; maxlen 0 keeps none
 
     def answer(text: str, stream: bool) -> str:
+        earlier = list(past)
         if labels:
-            ranked = label_probabilities(lm, setup.system, text, labels)
+            ranked = label_probabilities(lm, setup.system, text, labels, history=earlier)
+            past.append((text, ranked[0][0]))
             return format_top(ranked, top) if top else ranked[0][0]
+        streamer = None
         if stream:
             from transformers import TextStreamer
 
             streamer = TextStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            return generate(lm, setup.system, text, sampling, streamer=streamer)
-        return generate(lm, setup.system, text, sampling)
+        reply = generate(lm, setup.system, text, sampling, streamer=streamer, history=earlier)
+        past.append((text, reply))
+        return reply
 
     if not stdin.isatty():
         for line in read_lines(stdin.buffer):
@@ -59,8 +70,8 @@ def run_tester(cp: CheckpointDir, *, checkpoint: str = "last", base: bool = Fals
                 print(answer(text, stream=False), file=stdout, flush=True)
         return
     enable_line_editing()
-    log("type a tweet and press Enter (↑ brings back the last ones); each one is a new conversation. "
-        "Ctrl+D or Ctrl+C to quit.", err=True)
+    alone = "; each one is a new conversation" if not history else ""
+    log(f"type a tweet and press Enter (↑ brings back the last ones){alone}. Ctrl+D or Ctrl+C to quit.", err=True)
     while True:
         try:
             text = input("> ").strip()

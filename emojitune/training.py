@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import DEFAULT_MODEL
-from .chat import collate, encode, pad_id
+from .chat import collate, conversation_example, encode, pad_id
 from .checkpoints import (CheckpointDir, atomic_dir, atomic_file, base_model, best_epoch, check_existing_run, remove,
                           sha256_file, write_json)
 from .cli import option
@@ -44,11 +44,14 @@ class TrainSettings:
     max_grad_norm: float = option(1.0, "clip the gradient to this norm (0 = no clipping)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: "
                                                  "less memory, same numbers, about 30% slower")
+    multi_turn: int = option(1, "each epoch, chain the single-turn training tweets into conversations of 2..K "
+                                "turns (every tweet still once per epoch), so the model learns to answer with "
+                                "earlier turns in its context; 1 = every tweet alone")
     device: str = "auto"
 
     # What a resumed run must share with the run it continues (epochs may grow).
     FIXED_ON_RESUME = ("model", "lr", "batch_size", "lora_r", "lora_alpha", "lora_dropout", "max_length",
-                       "seed", "weight_decay", "max_grad_norm")
+                       "seed", "weight_decay", "max_grad_norm", "multi_turn")
 
     def check(self) -> None:
         problems = []
@@ -70,6 +73,8 @@ class TrainSettings:
             problems.append(f"--weight-decay {self.weight_decay} must be 0 or more, for example 0.01")
         if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             problems.append(f"--max-grad-norm {self.max_grad_norm} must be 0 (off) or more")
+        if self.multi_turn < 1:
+            problems.append(f"--multi-turn {self.multi_turn} must be 1 (single turns) or more, for example 4")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -110,6 +115,9 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
             gradient_checkpointing_kwargs={"use_reentrant": False})
     train_examples = _encode_checked(lm, train_records, cp.train, settings.max_length)
     val_examples = _encode_checked(lm, val_records, cp.val, settings.max_length)
+    # The single-turn val.json stays the measure comparable across runs; with --multi-turn the validation
+    # tweets are also chained once (the same conversations after every epoch) and scored on every turn.
+    chained_val = chained_examples(lm, val_records, settings, "val") if settings.multi_turn > 1 else None
     params = [p for p in lm.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings, lm.device)
     epochs = []
@@ -150,19 +158,22 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     accelerator.wait_for_everyone()
 
     pad = pad_id(lm.tokenizer)
-    answer_tokens = [e.answer_tokens for e in train_examples]
     started = time.time()
     epoch = done
     try:
         for epoch in range(done + 1, settings.epochs + 1):
-            # One epoch: every training tweet once, in the seeded order of this epoch.
-            batches = epoch_batches([len(e.input_ids) for e in train_examples], settings.batch_size * world,
+            # One epoch: every training tweet once, in the seeded order of this epoch (with --multi-turn,
+            # in this epoch's conversations).
+            examples = (chained_examples(lm, train_records, settings, epoch) if settings.multi_turn > 1
+                        else train_examples)
+            answer_tokens = [e.answer_tokens for e in examples]
+            batches = epoch_batches([len(e.input_ids) for e in examples], settings.batch_size * world,
                                     settings.seed, epoch)
             loss_module.train()
             loss_sum, token_sum, epoch_start = torch.zeros((), device=accelerator.device), 0, time.time()
             bar = progress(batches, f"epoch {epoch}/{settings.epochs}", enabled=main)
             for step, batch in enumerate(bar):
-                summed, tokens = train_step(accelerator, loss_module, optimizer, train_examples, batch,
+                summed, tokens = train_step(accelerator, loss_module, optimizer, examples, batch,
                                             answer_tokens, pad, settings.max_grad_norm)
                 loss_sum += summed
                 token_sum += tokens
@@ -179,11 +190,19 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
             scores = score(lm.model, val_examples, pad, lm.device)
             row = {"epoch": epoch, "train_loss": totals[0].item() / totals[1].item(), "seconds": seconds,
                    "val_loss": scores.mean_loss, "val_accuracy": scores.accuracy,
-                   "val_correct": sum(scores.exact), "val_total": len(scores.exact),
-                   "eval_seconds": time.time() - eval_start}
+                   "val_correct": scores.correct, "val_total": scores.total}
+            chained = ""
+            if chained_val is not None:
+                every_turn = score(lm.model, chained_val, pad, lm.device)
+                row |= {"chained_val_loss": every_turn.mean_loss, "chained_val_accuracy": every_turn.accuracy,
+                        "chained_val_correct": every_turn.correct, "chained_val_total": every_turn.total}
+                chained = (f"  chained val {every_turn.mean_loss:.4f}  acc {every_turn.accuracy:.2f} "
+                           f"({every_turn.correct}/{every_turn.total})")
+            row["eval_seconds"] = time.time() - eval_start
             epochs.append(row)
             report(f"epoch {epoch}/{settings.epochs}  train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  "
-                   f"acc {row['val_accuracy']:.2f} ({row['val_correct']}/{row['val_total']})  [{seconds:.0f}s]")
+                   f"acc {row['val_accuracy']:.2f} ({row['val_correct']}/{row['val_total']}){chained}  "
+                   f"[{seconds:.0f}s]")
 
             # Save: this epoch's adapter, then the state to resume from, then the metrics that name them.
             if main:
@@ -281,6 +300,45 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) 
         batches += [chunk[j:j + global_batch] for j in range(0, len(chunk), global_batch)]
     rng.shuffle(batches)
     return batches
+
+
+def chain_turns(records, max_turns: int, seed: int, draw) -> list[list[int]]:
+    """The record indices of each conversation: the single-turn records shuffled and cut into conversations
+    of 2..max_turns turns (lengths drawn uniformly; the last one of a system prompt may be shorter), each
+    within one system prompt. Every record is in exactly one conversation; a record that is already a
+    conversation stays as it is. Drawn from (seed, draw) alone, so each epoch has its own and a resumed
+    run the same ones."""
+    rng = random.Random(f"{seed}/{draw}/conversations")
+    chains = [[i] for i, r in enumerate(records) if r.history]
+    by_system: dict[str | None, list[int]] = {}
+    for i, r in enumerate(records):
+        if not r.history:
+            by_system.setdefault(r.system, []).append(i)
+    for indices in by_system.values():
+        rng.shuffle(indices)
+        while indices:
+            n = rng.randint(2, max_turns)
+            chains.append(indices[:n])
+            indices = indices[n:]
+    return chains
+
+
+def chained_examples(lm, records, settings: TrainSettings, draw) -> list:
+    """Training examples of the conversations chain_turns draws. A conversation that would pass
+    --max-length is cut before the turn that passes it, and the rest starts a new conversation."""
+    examples = []
+    for chain in chain_turns(records, settings.multi_turn, settings.seed, draw):
+        while chain:
+            take = len(chain)
+            while True:
+                turns = [turn for i in chain[:take] for turn in records[i].turns]
+                example = conversation_example(lm.tokenizer, records[chain[0]].system, turns, lm.end_of_turn_id)
+                if len(example.input_ids) <= settings.max_length or take == 1:
+                    break
+                take -= 1
+            examples.append(example)
+            chain = chain[take:]
+    return examples
 
 
 def progress(items, description: str, enabled: bool):

@@ -287,3 +287,88 @@ def test_read_lines_of_piped_bytes():
     assert next(lines) == "今日は最高\n"
     with pytest.raises(UserError, match=r"^<stdin>: not UTF-8 text \(byte 0x8b on line 2\): save the file as UTF-8"):
         next(lines)
+
+
+def conversation(*turns, system=SYSTEM):
+    """A multi-turn messages record: turns are (tweet, emoji) pairs."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for tweet, emoji in turns:
+        messages += [{"role": "user", "content": tweet}, {"role": "assistant", "content": emoji}]
+    return {"messages": messages}
+
+
+def test_single_turn_data_files_are_unchanged(tmp_path):
+    """Multi-turn support must not move a byte of the single-turn files: these are the SHA-256 sums of
+    prepared/train/val/split.json for the shipped data, made before conversations were accepted."""
+    import hashlib
+
+    assert run_script("01_prepare_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+    assert run_script("02_split_data.py", "--checkpoint-dir", tmp_path).returncode == 0
+    sums = {n: hashlib.sha256((tmp_path / "data" / n).read_bytes()).hexdigest()[:16]
+            for n in ("prepared.json", "train.json", "val.json", "split.json")}
+    assert sums == {"prepared.json": "5606ed8116b06ef3", "train.json": "6b7fe0528341c497",
+                    "val.json": "3a8931857bca5c2a", "split.json": "b7f8958244627e14"}
+
+
+def test_multi_turn_records_are_prepared_and_counted(tmp_path):
+    records = [conversation(("朝から最高", "😀"), ("でも電車で寝過ごした", "😭"), ("結局遅刻", "😨")),
+               conversation(("笑った", "🤣"), system=None),
+               conversation(("楽しい", "😀"), ("泣いた", "😭"))]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert load_json(tmp_path / "data/prepared.json") == records  # every turn kept, in order
+    table = dict(line.split() for line in r.stdout.splitlines() if line.split()[0] in ("😀", "😭", "😨", "🤣", "total"))
+    assert table == {"😀": "2", "😭": "2", "😨": "1", "🤣": "1", "total": "6"}  # every answer counted
+    # --labels keeps a conversation only when every answer in it is wanted.
+    r = run_script("01_prepare_data.py", "--input", src, "--labels", "😀,😭,🤣", "--checkpoint-dir",
+                   tmp_path / "some")
+    assert r.returncode == 0, r.stderr
+    assert load_json(tmp_path / "some/data/prepared.json") == records[1:]
+
+
+def test_multi_turn_problems_name_the_record_and_the_turn(tmp_path):
+    records = [conversation(("ok", "😀"), ("二つ目", "happy"), ("  ", "😭😭")),
+               {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "😀"},
+                             {"role": "user", "content": "b"}]},
+               {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                             {"role": "assistant", "content": "😀"}]},
+               conversation(("fine", "😀"), ("also fine", "😭"))]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    r = run_script("01_prepare_data.py", "--input", bad, "--checkpoint-dir", tmp_path)
+    assert_user_error(r, "5 problem(s)", "record 1 (index 0): turn 2: the answer 'happy' is not an emoji",
+                      "record 1 (index 0): turn 3: the tweet is empty", "record 1 (index 0): turn 3: the answer",
+                      "record 2 (index 1): turn 2: missing the assistant answer",
+                      "record 3 (index 2): roles are user → user → assistant; expected system (optional) → user → "
+                      "assistant", "nothing was written")
+    assert "record 4" not in r.stderr and not (tmp_path / "data").exists()
+
+
+def test_split_keeps_conversations_whole_and_labels_in_both(tmp_path):
+    """Conversations count under the label of their last turn; 😨 appears only in earlier turns, and still
+    lands in both files."""
+    from emojitune.data import Record
+    from emojitune.split import stratified_split
+
+    singles = [Record(SYSTEM, f"tweet {label} {i}", label) for label in ("😀", "😭") for i in range(5)]
+    chats = [Record(SYSTEM, f"last {i}", "😀", history=[(f"first {i}", "😨"), (f"second {i}", "😭")])
+             for i in range(4)]
+    records = singles + chats
+    for seed in range(10):
+        train, val = stratified_split(records, 0.2, seed)
+        assert sorted(map(id, train + val)) == sorted(map(id, records))  # each record whole, on one side
+        for side in (train, val):
+            assert {label for r in side for label in r.labels} == {"😀", "😭", "😨"}
+        assert stratified_split(records, 0.2, seed)[1] == val  # the same seed, the same split
+
+
+def test_split_refuses_a_label_that_lives_in_one_conversation(tmp_path):
+    src = tmp_path / "chat.json"
+    src.write_text(json.dumps([conversation(("a", "😀"), ("b", "😨"), ("c", "😨"))] +
+                              [conversation((f"t{i}", "😀")) for i in range(4)], ensure_ascii=False),
+                   encoding="utf-8")
+    assert run_script("01_prepare_data.py", "--input", src, "--checkpoint-dir", tmp_path).returncode == 0
+    assert_user_error(run_script("02_split_data.py", "--checkpoint-dir", tmp_path),
+                      "😨 appear in one conversation only", "cannot be in both train and validation")

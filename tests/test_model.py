@@ -96,3 +96,64 @@ def test_cpu_output_layer_matches_plain_linear_with_gradients(rows):
     plain = F.linear(h, weight)
     (plain_grad,) = torch.autograd.grad(plain, h, grad_out)
     assert torch.allclose(fast, plain, atol=1e-4) and torch.allclose(fast_grad, plain_grad, atol=1e-3)
+
+
+@pytest.mark.parametrize("system", [SYSTEM, None])
+def test_three_turn_conversation_carries_loss_on_every_answer_token_by_token(lm, system):
+    """The ids of a 3-turn conversation are those of the chat template for the whole conversation, and the
+    labels are set exactly on each answer's emoji and its <end_of_turn>: the spans the template itself puts
+    between the prompt asking for an answer and the end of that turn."""
+    from emojitune.chat import conversation_example
+
+    tok = lm.tokenizer
+    turns = [("今日は最高の一日", "😀"), ("電車で寝過ごした…", "😭"), ("夜道で足音がついてくる", "😨")]
+    ex = conversation_example(tok, system, turns, lm.end_of_turn_id)
+    messages = [{"role": "system", "content": system}] if system else []
+    for tweet, emoji in turns:
+        messages += [{"role": "user", "content": tweet}, {"role": "assistant", "content": emoji}]
+    whole = list(tok.apply_chat_template(messages, return_dict=False))
+    assert ex.input_ids == whole[:len(ex.input_ids)]
+    assert tok.decode(whole[len(ex.input_ids):]) == "\n"  # the template's newline after the last turn
+    expected = [IGNORE] * len(ex.input_ids)
+    first_user = 1 if system else 0
+    for k in range(len(turns)):
+        asking = messages[:first_user + 2 * k + 1]  # everything up to this turn's tweet
+        start = len(tok.apply_chat_template(asking, add_generation_prompt=True, return_dict=False))
+        end = whole.index(lm.end_of_turn_id, start)
+        expected[start:end + 1] = whole[start:end + 1]
+    assert ex.labels == expected
+    scored = [tok.convert_ids_to_tokens(t) if t == lm.end_of_turn_id else tok.decode([t])
+              for t in ex.labels if t != IGNORE]
+    assert "".join(scored) == "😀<end_of_turn>😭<end_of_turn>😨<end_of_turn>"
+    assert ex.answers == 3
+    # One turn is exactly the single-turn example.
+    [single] = encode(lm, [Record(system, *turns[0])])
+    assert conversation_example(tok, system, turns[:1], lm.end_of_turn_id) == single
+    assert single == Example.of(prompt_ids(tok, system, turns[0][0]), answer_ids(tok, "😀", lm.end_of_turn_id))
+
+
+def test_prompt_with_history_continues_the_training_ids(lm):
+    """05/06 --history build the earlier turns exactly as training does, then ask for the next answer."""
+    from emojitune.chat import conversation_example
+
+    history = [("今日は最高", "😀"), ("泣いた", "😭")]
+    trained = conversation_example(lm.tokenizer, SYSTEM, history + [("怖い", "😨")], lm.end_of_turn_id)
+    prompt = prompt_ids(lm.tokenizer, SYSTEM, "怖い", history, lm.end_of_turn_id)
+    answer = answer_ids(lm.tokenizer, "😨", lm.end_of_turn_id)
+    assert trained.input_ids == prompt + answer
+
+
+def test_fast_loss_equals_the_models_own_loss_on_conversations(lm):
+    """Several answers per row, rows of different lengths: the answer-only path still equals the plain loss."""
+    import torch
+
+    records = [Record(SYSTEM, "怖い", "😨", history=[("今日は最高の一日", "😀"), ("泣いた", "☹️")]),
+               Record(None, "笑った", "🤣"), Record(SYSTEM, "寝過ごした", "😭", history=[("眠い", "😴")])]
+    examples = encode(lm, records)
+    assert [e.answers for e in examples] == [3, 1, 2]
+    ids, mask, labels = collate(examples, pad_id(lm.tokenizer), "cpu")
+    with torch.no_grad():
+        fast, _, rows = answer_token_losses(lm.model, ids, mask, labels)
+        out = lm.model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert fast.mean().item() == pytest.approx(out.loss.item(), abs=1e-5)
+    assert rows.bincount().tolist() == [e.answer_tokens for e in examples]

@@ -209,3 +209,118 @@ def test_interactive_prompt_has_line_editing_and_history(learned_run):
     proc.wait(timeout=60)
     os.close(master)
     assert screen.count(expected.encode()) >= 2, screen.decode(errors="replace")[-2000:]
+
+
+def test_teacher_forced_accuracy_per_turn_agrees_with_greedy_generation_with_history(learned_run):
+    """03's per-answer accuracy on conversations: answer k is right exactly when greedy generation after the
+    earlier turns (as in the data) gives the label, which is how 05/06 --history build their prompts."""
+    from emojitune.chat import encode, pad_id
+    from emojitune.checkpoints import CheckpointDir, base_model
+    from emojitune.data import Record, records_from_json
+    from emojitune.generation import generate
+    from emojitune.modeling import load_model
+    from emojitune.scoring import score
+
+    cp = CheckpointDir(learned_run)
+    lm = load_model(base_model(cp, None)[0], "cpu", adapter=cp.adapter)
+    tweets = records_from_json(cp.val, "") + records_from_json(cp.train, "")[:16]
+    chats = [Record(SYSTEM, r3.user, r3.label, history=[(r1.user, r1.label), (r2.user, r2.label)])
+             for r1, r2, r3 in zip(tweets[0::3], tweets[1::3], tweets[2::3])]
+    scores = score(lm.model, encode(lm, chats), pad_id(lm.tokenizer), lm.device)
+    greedy = [[generate(lm, SYSTEM, user, history=c.turns[:k]) == label for k, (user, label) in enumerate(c.turns)]
+              for c in chats]
+    assert scores.answers == [3] * len(chats)
+    assert scores.right == [sum(g) for g in greedy] and scores.exact == [all(g) for g in greedy]
+    assert 0 < scores.correct  # a real check: some answers with history are right
+
+
+def test_history_is_kept_and_cut_at_n(learned_run, monkeypatch):
+    """06 --history N and 05's running conversation pass the last N (tweet, answer) pairs, oldest first."""
+    import io
+    from types import SimpleNamespace
+
+    from emojitune import generation, tester
+    from emojitune.checkpoints import CheckpointDir
+
+    seen = []
+
+    def fake_generate(lm, system, user, sampling=None, streamer=None, history=()):
+        seen.append(list(history))
+        return f"A{len(seen)}"
+
+    expected = {0: [[], [], [], []],
+                2: [[], [("t1", "A1")], [("t1", "A1"), ("t2", "A2")], [("t2", "A2"), ("t3", "A3")]]}
+    for n, histories in expected.items():
+        monkeypatch.setattr(tester, "generate", fake_generate)
+        seen.clear()
+        stdin = SimpleNamespace(isatty=lambda: False, buffer=io.BytesIO(b"t1\nt2\n\nt3\nt4\n"))
+        out = io.StringIO()
+        tester.run_tester(CheckpointDir(learned_run), history=n, stdin=stdin, stdout=out)
+        assert seen == histories and out.getvalue().split() == ["A1", "A2", "A3", "A4"]
+        monkeypatch.setattr(generation, "generate", fake_generate)
+        seen.clear()
+        assert generation.converse(None, SYSTEM, ["t1", "t2", "t3", "t4"], n) == ["A1", "A2", "A3", "A4"]
+        assert seen == histories
+
+
+def test_piped_history_matches_plain_transformers_chat(learned_run, tiny_model):
+    """06 --history 2: each answer is what plain transformers gives for the chat template with the last two
+    tweets and answers before the new tweet."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tweets = TWEETS + ["明日は雨らしい"]
+    r = run_script("06_test_finetuned_single.py", "--history", 2, "--checkpoint-dir", learned_run,
+                   input="\n".join(tweets) + "\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "keeps your last 2 tweets" in r.stderr
+    answers = r.stdout.splitlines()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), learned_run / "adapter")
+    model.eval()
+    for i, tweet in enumerate(tweets):
+        msgs = [{"role": "system", "content": SYSTEM}]
+        for before, answer in zip(tweets[max(0, i - 2):i], answers[max(0, i - 2):i]):
+            msgs += [{"role": "user", "content": before}, {"role": "assistant", "content": answer}]
+        ids = tok.apply_chat_template(msgs + [{"role": "user", "content": tweet}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        gen = model.generate(**ids, do_sample=False, max_new_tokens=16)
+        assert tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == answers[i]
+    assert_user_error(run_script("06_test_finetuned_single.py", "--history", -1, "--checkpoint-dir", learned_run,
+                                 input="x\n"), "--history -1 must be 0")
+
+
+def test_repeat_rate_on_hand_made_answers():
+    from emojitune.evaluation import repeats
+
+    assert repeats(["😀", "😀", "😭", "😭", "😭", "🤣"]) == {"repeats": 3, "pairs": 5, "repeat_rate": 0.6}
+    assert repeats(["😀", "", "", "😀"]) == {"repeats": 1, "pairs": 3, "repeat_rate": pytest.approx(1 / 3)}
+    assert repeats(["😀"]) == {"repeats": 0, "pairs": 0, "repeat_rate": 0.0}
+
+
+def test_test_base_with_history_reports_the_repeat_rate(learned_run):
+    from emojitune.evaluation import repeats
+
+    r = run_script("05_test_base.py", "--checkpoint-dir", learned_run, "--compare", "--history", 3, "--limit", 6)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "keeping the last 3 tweets and answers" in r.stdout
+    saved = load_json(learned_run / "eval_compare.json")
+    assert saved["history"] == 3 and len(saved["results"]) == 6
+    expected = [x["expected"] for x in saved["results"]]
+    assert saved["labels_repeat"] == repeats(expected)
+    for name in ("base", "tuned"):
+        answers = [x[name] for x in saved["results"]]
+        assert {k: saved["summary"][name][k] for k in ("repeats", "pairs", "repeat_rate")} == repeats(answers)
+        s = saved["summary"][name]
+        assert f"{name}: repeats its previous answer {s['repeat_rate']:.2f} ({s['repeats']}/5)" in r.stdout
+
+
+def test_trained_labels_include_earlier_turns(tmp_path):
+    """06 --labels-only chooses among every label trained on, those of earlier turns of a conversation too."""
+    from emojitune.checkpoints import CheckpointDir, write_bytes
+    from emojitune.data import Record, encode_records
+    from emojitune.session import trained_labels
+
+    cp = CheckpointDir(tmp_path)
+    write_bytes(cp.train, encode_records([Record(SYSTEM, "b", "😀", history=[("a", "😨")]), Record(None, "c", "😭")]))
+    assert trained_labels(cp) == ["😨", "😀", "😭"]

@@ -260,3 +260,52 @@ def test_a_rerun_keeps_the_runs_model_and_stale_files_go(tmp_path, tiny_model):
         extra = ["--overwrite"] if script.startswith("03") else []
         assert_user_error(run_script(script, *extra, "--checkpoint-dir", d, input="x\n"),
                           "run.json names the base model folder", str(model), "--model PATH")
+
+
+def test_chained_conversations_use_every_tweet_once_per_epoch():
+    from emojitune.data import Record
+    from emojitune.training import chain_turns
+
+    records = [Record(SYSTEM if i % 3 else "別のプロンプト", f"tweet {i}", "😀") for i in range(40)]
+    records += [Record(SYSTEM, "last", "😭", history=[("first", "😀")])]  # already a conversation
+    for k in (2, 4):
+        for epoch in (1, 2):
+            chains = chain_turns(records, k, 42, epoch)
+            assert sorted(i for c in chains for i in c) == list(range(len(records)))
+            assert [40] in chains  # a conversation from the data stays as it is
+            singles = [c for c in chains if c != [40]]
+            assert all(len(c) <= k and len({records[i].system for i in c}) == 1 for c in singles)
+            assert sum(len(c) < 2 for c in singles) <= 2  # only a system prompt's leftover is alone
+            assert chains == chain_turns(records, k, 42, epoch)  # seeded: a resumed run draws the same
+        assert chain_turns(records, k, 42, 1) != chain_turns(records, k, 42, 2)
+    assert {len(c) for c in chain_turns(records, 4, 42, 1)} >= {2, 3, 4}
+
+
+def test_multi_turn_training_resumes_exactly_and_is_recorded(tmp_path, tiny_model):
+    data = shipped_subset(tmp_path / "small.json", 40)  # 4 labels x 10
+    common = ("--model", tiny_model, "--batch-size", 4, "--lr", "3e-3", "--multi-turn", 3)
+    for name in ("straight", "resumed"):
+        d = tmp_path / name
+        assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
+        assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
+    r = run_script("03_train_model.py", *common, "--epochs", 3, "--checkpoint-dir", tmp_path / "straight")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "multi_turn=3" in r.stdout and "  chained val " in r.stdout
+    assert load_json(tmp_path / "straight/run.json")["settings"]["multi_turn"] == 3
+    r = run_script("03_train_model.py", *common, "--epochs", 2, "--checkpoint-dir", tmp_path / "resumed")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("03_train_model.py", "--resume", "--epochs", 3, "--checkpoint-dir", tmp_path / "resumed")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_json(tmp_path / "straight/metrics.json"), load_json(tmp_path / "resumed/metrics.json")
+    keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "chained_val_loss", "chained_val_accuracy")
+    assert [{k: e[k] for k in keys} for e in a["epochs"]] == [{k: e[k] for k in keys} for e in b["epochs"]]
+    # The chained measure scores every validation tweet once, like the single-turn one.
+    assert all(e["chained_val_total"] == e["val_total"] == 8 for e in a["epochs"])
+    assert a["epochs"][0]["chained_val_loss"] != a["epochs"][0]["val_loss"]  # history changes the numbers
+    assert (tmp_path / "straight/adapter/adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "resumed/adapter/adapter_model.safetensors").read_bytes()
+    bad = run_script("03_train_model.py", "--resume", "--multi-turn", 2, "--epochs", 4,
+                     "--checkpoint-dir", tmp_path / "resumed")
+    assert_user_error(bad, "--multi-turn 2 (run used 3)")
+    assert_user_error(run_script("03_train_model.py", "--multi-turn", 0, "--checkpoint-dir", tmp_path / "x"),
+                      "--multi-turn 0 must be 1")
