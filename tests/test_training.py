@@ -224,6 +224,7 @@ def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tin
 
 
 def test_plot_from_hand_made_metrics(tmp_path):
+    """A metrics.json written before steps/evals existed still plots, from its epochs alone."""
     from emojitune.checkpoints import write_json
 
     write_json(tmp_path / "metrics.json", {"epochs": [
@@ -237,6 +238,73 @@ def test_plot_from_hand_made_metrics(tmp_path):
     assert "← best" in r.stdout and "1.7100" in r.stdout
     assert_user_error(run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path / "empty"),
                       "metrics.json not found", "run 03_train_model.py first")
+
+
+def curve_metrics(epochs: int, val: list[float], steps_per_epoch: int = 20, log_every: int = 5) -> dict:
+    """metrics.json as 03 writes it, with 4 evaluations per epoch whose val losses are `val`."""
+    steps = [{"step": s, "epoch": s / steps_per_epoch, "train_loss": 2.0 / (1 + s / steps_per_epoch) + 0.1 * (s % 3)}
+             for s in range(log_every, epochs * steps_per_epoch + 1, log_every)]
+    evals = [{"step": steps_per_epoch * (i + 1) // 4, "epoch": (i + 1) / 4, "val_loss": v, "val_accuracy": 0.1 + i / 100,
+              "per_label": {"😀": {"correct": 1, "total": 2}}} for i, v in enumerate(val)]
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": val[4 * e - 1], "val_accuracy": 0.1 + (4 * e - 1) / 100,
+             "val_correct": 1, "val_total": 2} for e in range(1, epochs + 1)]
+    best = min(rows, key=lambda r: (r["val_loss"], r["epoch"]))["epoch"]
+    return {"epochs": rows, "best_epoch": best, "steps": steps, "evals": evals, "stopped_early": False}
+
+
+@pytest.mark.parametrize("epochs", [1, 30])
+def test_plot_of_a_curve(tmp_path, epochs):
+    from emojitune.checkpoints import write_json
+
+    val = [1.5 - 0.1 * i if i < 6 else 1.0 + 0.05 * (i - 6) for i in range(4 * epochs)]
+    write_json(tmp_path / "metrics.json", curve_metrics(epochs, val))
+    r = run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG") and "Traceback" not in r.stderr
+    assert len(r.stdout.splitlines()) == epochs + 2  # header, one row per epoch, wrote ...
+
+
+def test_smoothing_follows_the_points_without_lag():
+    from emojitune.plotting import smoothed, smoothing_window
+
+    assert smoothed([1.0, 3.0, 1.0, 3.0, 1.0], 3) == pytest.approx([2.0, 5 / 3, 7 / 3, 5 / 3, 2.0])
+    assert smoothing_window(20, 1) == 5 and smoothing_window(600, 30) == 15 and smoothing_window(3, 1) == 1
+
+
+def test_show_without_a_display_says_why(tmp_path):
+    from emojitune.checkpoints import write_json
+
+    write_json(tmp_path / "metrics.json", curve_metrics(1, [1.4, 1.3, 1.2, 1.1]))
+    r = run_script("04_plot_loss.py", "--show", "--checkpoint-dir", tmp_path, env={"MPLBACKEND": "agg"})
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --show opened no window: MPLBACKEND=agg")
+    assert str(tmp_path / "loss.png") in warnings[0] and (tmp_path / "loss.png").exists()
+
+
+def test_compare_runs(tmp_path):
+    from emojitune.checkpoints import write_json
+
+    settings = {"epochs": 2, "lr": 5e-05, "batch_size": 1, "seed": 42, "device": "auto"}
+    runs = {"base-recipe": ([1.5, 1.3, 1.2, 1.1, 1.15, 1.2, 1.3, 1.4], {}),
+            "fast": ([1.4, 1.2, 1.0, 0.95, 0.9, 0.85, 0.88, 0.9], {"lr": 2e-4, "batch_size": 16}),
+            "old": ([1.6, 1.5, 1.4, 1.3, 1.35, 1.3, 1.25, 1.2], None)}  # no run.json: a hand-made folder
+    for name, (val, changed) in runs.items():
+        write_json(tmp_path / name / "metrics.json", curve_metrics(2, val))
+        if changed is not None:
+            write_json(tmp_path / name / "run.json", {"settings": {**settings, **changed}})
+    r = run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path / "base-recipe", "--compare", tmp_path / "fast",
+                   tmp_path / "old")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:4]}
+    assert rows["base-recipe"][1:5] == ["(lr=5e-05,", "batch-size=1)", "1", "1.1000"]
+    assert rows["fast"][1:5] == ["(lr=0.0002,", "batch-size=16)", "2", "0.9000"]
+    assert rows["old"][1:3] == ["2", "1.2000"]
+    assert (tmp_path / "base-recipe/compare.png").read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "base-recipe/loss.png").exists()
+    r = run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path / "fast", "--compare", tmp_path / "nope1",
+                   tmp_path / "nope2")
+    assert_user_error(r, "nope1/metrics.json not found", "nope2/metrics.json not found", "run 03_train_model.py first")
 
 
 def test_epoch_batches_cover_every_example_once_and_are_stable():
