@@ -57,9 +57,11 @@ def smoothed(ys: list[float], window: int) -> list[float]:
 
 
 def smoothing_window(n_points: int, n_epochs: float) -> int:
-    """About a quarter epoch of points, and at least 1/40 of the run: a trend for 1 epoch or 30."""
+    """About a quarter epoch of points, and at least 1/25 of the run: a trend for 1 epoch or 30. Odd, so
+    the window is centred on its point."""
     per_epoch = n_points / max(n_epochs, 1e-9)
-    return max(1, round(per_epoch / 4), round(n_points / 40))
+    window = max(1, round(per_epoch / 4), round(n_points / 25))
+    return window if window % 2 else window + 1
 
 
 def _pyplot(show: bool):

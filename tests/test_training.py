@@ -268,7 +268,7 @@ def test_smoothing_follows_the_points_without_lag():
     from emojitune.plotting import smoothed, smoothing_window
 
     assert smoothed([1.0, 3.0, 1.0, 3.0, 1.0], 3) == pytest.approx([2.0, 5 / 3, 7 / 3, 5 / 3, 2.0])
-    assert smoothing_window(20, 1) == 5 and smoothing_window(600, 30) == 15 and smoothing_window(3, 1) == 1
+    assert smoothing_window(20, 1) == 5 and smoothing_window(600, 30) == 25 and smoothing_window(3, 1) == 1
 
 
 def test_show_without_a_display_says_why(tmp_path):
