@@ -1,5 +1,6 @@
 """05: answer a set of tweets with the base model (and, with --compare, the tuned adapter) and score it."""
 
+from dataclasses import asdict
 from pathlib import Path
 
 from .checkpoints import CheckpointDir, write_json
@@ -7,6 +8,9 @@ from .console import UserError, log
 from .data import load_records, records_from_json
 from .emoji import is_single_emoji
 from .generation import Sampling, generate_batch
+from .report import (classification_report, format_report, groups_for, groups_json, order_by_group,
+                     plot_confusion)
+from .scoring import label_probabilities
 from .session import as_base_model, load, resolve_setup, train_records
 
 
@@ -33,7 +37,8 @@ def _clip(text: str, width: int) -> str:
 
 def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | None = None, compare: bool = False,
              model: str | None = None, checkpoint: str = "last", system: str | None = None,
-             device: str = "auto", sampling: Sampling = Sampling()) -> dict:
+             device: str = "auto", sampling: Sampling = Sampling(), labels_only: bool = False,
+             groups: Path | None = None) -> dict:
     sampling.check()
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit} must be 1 or more")
@@ -47,21 +52,33 @@ def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | 
     records = records[:limit] if limit else records
     setup = resolve_setup(cp, model=model, checkpoint=checkpoint if compare else None, system=system)
     trained = train_records(cp)
-    labels = {r.label for r in (trained or records)}
+    label_list = list(dict.fromkeys(r.label for r in (trained or records)))
+    labels = set(label_list)
     labels_from = str(cp.train) if trained else f"{input_path} (no {cp.train} yet)"
-
     tweets, expected = [r.user for r in records], [r.label for r in records]
+    group_of, groups_note = groups_for(list(dict.fromkeys(label_list + expected)), groups)
+
     log(f"{len(records)} tweets from {input_path}; system prompt ({setup.system_from}): {setup.system or '(none)'}")
     log(f"trained labels from {labels_from}: {len(labels)}")
     lm = load(setup, device)  # one load: the tuned answers with the adapter, the base answers without it
     adapter = f" + {setup.adapter}" if setup.adapter else ""
     log(f"model: {setup.model_id}{adapter} ({setup.model_from}) on {lm.device}")
+    if labels_only:
+        log(f"answers restricted to the {len(label_list)} trained labels (the most likely of them, no generation)")
+
+    def answer_all() -> list[str]:
+        if labels_only:
+            return [label_probabilities(lm, setup.system, t, label_list)[0][0] for t in tweets]
+        return generate_batch(lm, setup.system, tweets, sampling)
+
     answers = {}
     with as_base_model(lm):
-        answers["base"] = generate_batch(lm, setup.system, tweets, sampling)
+        answers["base"] = answer_all()
     if compare:
-        answers["tuned"] = generate_batch(lm, setup.system, tweets, sampling)
+        answers["tuned"] = answer_all()
     summaries = {name: summarize(a, expected, labels) for name, a in answers.items()}
+    ordered = order_by_group(label_list, group_of)
+    reports = {name: classification_report(a, expected, ordered, group_of) for name, a in answers.items()}
     results = []
     for i, (tweet, exp) in enumerate(zip(tweets, expected)):
         row = {"tweet": tweet, "expected": exp}
@@ -73,11 +90,19 @@ def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | 
             cells.append(f"{name} {_clip(a, 16) or '(empty)'} {'✓' if a == exp else '✗'}")
         results.append(row)
         log(f"{i + 1:>3}. {_clip(tweet, 30)}  expected {exp}  " + "  ".join(cells))
+    for name, report in reports.items():
+        log(format_report(name, report))
+    log(groups_note)
     for name, s in summaries.items():
         log(format_summary(name, s))
     out = cp.eval_compare if compare else cp.eval_base
     write_json(out, {"base_model": setup.model_id, "adapter": str(setup.adapter) if setup.adapter else None,
-                     "system_prompt": setup.system, "input": str(input_path), "max_new_tokens": sampling.max_new_tokens,
-                     "summary": summaries, "results": results})
-    log(f"wrote {out}")
-    return {"summary": summaries, "results": results}
+                     "system_prompt": setup.system, "input": str(input_path), "labels_only": labels_only,
+                     "sampling": None if labels_only else asdict(sampling), "groups_note": groups_note,
+                     "groups": groups_json(group_of),
+                     "summary": summaries, "report": reports, "results": results})
+    drawn = plot_confusion(cp.confusion_plot, {name: reports[name] for name in ("base", "tuned") if name in reports},
+                           group_of)
+    log(f"confusion matrix: {drawn}")
+    log(f"wrote {out}, {cp.confusion_plot}")
+    return {"summary": summaries, "report": reports, "results": results}
