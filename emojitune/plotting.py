@@ -98,11 +98,11 @@ def plot_loss(cp, show: bool = False) -> None:
         window = smoothing_window(len(ys), xs[-1] - (math.ceil(xs[0]) - 1))
         if window > 1:  # raw points faint, the trend over them
             ax_loss.plot(xs, ys, ".-", color="tab:blue", alpha=0.2, markersize=3, linewidth=0.6,
-                         label=f"train loss (every {_log_every(metrics)} steps)")
+                         label=_train_label(metrics))
             ax_loss.plot(xs, smoothed(list(ys), window), "-", color="tab:blue", linewidth=2,
                          label=f"train loss, smoothed ({window} points)")
         else:  # too few points to smooth
-            ax_loss.plot(xs, ys, ".-", color="tab:blue", label=f"train loss (every {_log_every(metrics)} steps)")
+            ax_loss.plot(xs, ys, ".-", color="tab:blue", label=_train_label(metrics))
     if means:
         xs, ys = zip(*means)
         ax_loss.plot(xs, ys, "o-", color="tab:blue", label="train loss (epoch mean)")
@@ -157,9 +157,9 @@ def plot_loss(cp, show: bool = False) -> None:
     plt.close(fig)
 
 
-def _log_every(metrics: dict) -> str:
+def _train_label(metrics: dict) -> str:
     steps = metrics.get("steps") or []
-    return str(steps[1]["step"] - steps[0]["step"]) if len(steps) > 1 else "N"
+    return f"train loss (every {steps[1]['step'] - steps[0]['step']} steps)" if len(steps) > 1 else "train loss"
 
 
 def _show(plt, show: bool, path: Path) -> None:
