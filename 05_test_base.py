@@ -4,8 +4,9 @@
     uv run 05_test_base.py --compare            # base and tuned side by side
     uv run 05_test_base.py --input my_tweets.json --limit 20
     uv run 05_test_base.py --compare --history 8    # one running conversation: does the model repeat itself?
+    uv run 05_test_base.py --compare --labels-only --groups my_groups.json
 
-Writes checkpoints/eval_base.json (checkpoints/eval_compare.json with --compare).
+Writes checkpoints/eval_base.json (checkpoints/eval_compare.json with --compare) and checkpoints/confusion.png.
 """
 
 import argparse
@@ -27,6 +28,12 @@ def main():
                    help="messages file to test on (default: DIR/data/val.json)")
     p.add_argument("--limit", type=int, default=None, help="test only the first N tweets")
     p.add_argument("--compare", action="store_true", help="also run the tuned adapter and show both")
+    p.add_argument("--labels-only", action="store_true",
+                   help="answer each tweet with the trained label the model finds most likely (no generation): "
+                        "the report is then of that restricted classifier")
+    p.add_argument("--groups", type=Path, default=None, metavar="FILE",
+                   help="emotion groups for group accuracy, as in emotion_groups.json: {\"group\": [\"emoji\", ...]} "
+                        "(default: the shipped emotion_groups.json, when it has every label)")
     add_checkpoint(p, "the adapter --compare runs (giving it implies --compare)", default_none=True)
     add_system(p)
     add_history(p, "ask the tweets in file order as one running conversation that keeps the last N tweets and "
@@ -39,7 +46,7 @@ def main():
     evaluate(checkpoint_dir(args), input_path=args.input, limit=args.limit,
              compare=args.compare or args.checkpoint is not None, model=args.model,
              checkpoint=args.checkpoint or "last", system=args.system, device=args.device, sampling=sampling,
-             history=args.history)
+             history=args.history, labels_only=args.labels_only, groups=args.groups)
 
 
 if __name__ == "__main__":

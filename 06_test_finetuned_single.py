@@ -8,6 +8,7 @@ Every input is sent as a fresh conversation (system prompt + that tweet only, no
     echo 今日は最高の一日だった | uv run 06_test_finetuned_single.py      # one answer line per input line
     uv run 06_test_finetuned_single.py --labels-only --top 3 < tweets.txt
     uv run 06_test_finetuned_single.py --history 8           # a continuing chat: the last 8 turns are kept
+    uv run 06_test_finetuned_single.py --compare < tweets.txt      # base<TAB>tuned per line
 """
 
 import argparse
@@ -26,6 +27,9 @@ def main():
     add_device(p)
     add_checkpoint(p)
     p.add_argument("--base", action="store_true", help="test the base model without any adapter")
+    p.add_argument("--compare", action="store_true",
+                   help="answer every tweet with the base model and the tuned adapter (one model load), side by "
+                        "side; piped: one line per input, the two answers separated by a tab")
     add_system(p)
     p.add_argument("--labels-only", action="store_true",
                    help="answer only with a label seen in training, the one the model finds most likely")
@@ -37,7 +41,7 @@ def main():
     sampling, _ = options_from_args(Sampling, args)
     run_tester(checkpoint_dir(args), checkpoint=args.checkpoint, base=args.base, model=args.model,
                system=args.system, device=args.device, sampling=sampling, labels_only=args.labels_only,
-               top=args.top, history=args.history)
+               top=args.top, history=args.history, compare=args.compare)
 
 
 if __name__ == "__main__":

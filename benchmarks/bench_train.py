@@ -3,6 +3,7 @@
     uv run benchmarks/bench_train.py                    # in-process table (~5 min on 2 CPU cores)
     uv run benchmarks/bench_train.py --whole-process    # also time whole 03 runs vs the original recipe
     uv run benchmarks/bench_train.py --multi-turn 4     # only: the default recipe, single tweets vs conversations
+    uv run benchmarks/bench_train.py --eval-cost        # only: what --evals-per-epoch costs an epoch
 
 Speed depends on shapes, not weight values, so a random-weight model of the exact shape gives the real
 model's timings (not its losses). The tokenizer is a small byte-level BPE whose prompts for the shipped
@@ -241,6 +242,73 @@ def time_eval_and_answer(model_path, train_records, val_records):
     return eval_s, statistics.median(answer), statistics.median(top), len(val), len(labels)
 
 
+def time_eval_cost(model_path, train_records, val_records, samples: int, repeats: int):
+    """03's default recipe on one LoRA model, as train() runs it: `samples` training steps, then one
+    evaluation pass over the validation tweets, `repeats` times. Returns the s/sample and eval seconds
+    of each repeat."""
+    import torch
+    from accelerate import Accelerator
+    from peft import LoraConfig
+
+    from emojitune.chat import encode, pad_id
+    from emojitune.loss import answer_loss_module
+    from emojitune.modeling import load_model
+    from emojitune.scoring import score
+    from emojitune.training import TrainSettings, epoch_batches, make_optimizer, train_step
+
+    recipe = TrainSettings()
+    torch.manual_seed(42)
+    lm = load_model(str(model_path), "cuda" if torch.cuda.is_available() else "cpu", training=True,
+                    lora=LoraConfig(lora_dropout=recipe.lora_dropout, **LORA))
+    accelerator = Accelerator(cpu=lm.device == "cpu")
+    examples, val = encode(lm, train_records), encode(lm, val_records)
+    optimizer = make_optimizer([p for p in lm.model.parameters() if p.requires_grad], recipe, lm.device)
+    loss_module = accelerator.prepare(answer_loss_module(lm.model))
+    answer_tokens = [e.answer_tokens for e in examples]
+    pad = pad_id(lm.tokenizer)
+    batches = epoch_batches([len(e.input_ids) for e in examples], recipe.batch_size, recipe.seed, 1)
+    step = lambda b: train_step(accelerator, loss_module, optimizer, examples, b, answer_tokens, pad,  # noqa: E731
+                                recipe.max_grad_norm)
+    step(batches[0])  # warm-up
+    score(lm.model, val[:4], pad, lm.device)
+    per_sample, eval_seconds, at = [], [], 1
+    for _ in range(repeats):
+        todo, n = [], 0
+        while n < samples:
+            todo.append(batches[at % len(batches)])
+            n, at = n + len(todo[-1]), at + 1
+        sync(lm.device)
+        start = time.perf_counter()
+        for b in todo:
+            loss, _ = step(b)
+        loss.item()
+        sync(lm.device)
+        per_sample.append((time.perf_counter() - start) / n)
+        start = time.perf_counter()
+        score(lm.model, val, pad, lm.device)
+        sync(lm.device)
+        eval_seconds.append(time.perf_counter() - start)
+        print(f"  repeat {len(per_sample)}: {per_sample[-1]:.3f} s/sample, evaluation {eval_seconds[-1]:.2f} s", flush=True)
+    return per_sample, eval_seconds, recipe.batch_size
+
+
+def print_eval_cost(per_sample: list[float], eval_seconds: list[float], batch_size: int, n_train: int, n_val: int):
+    """An epoch with K evaluations costs n_train x s/sample + K x eval; compare K = 4 (the default) with 1."""
+    from emojitune.training import TrainSettings
+
+    k = TrainSettings.evals_per_epoch
+    spread = lambda xs: f"median {statistics.median(xs):.3f}, min {min(xs):.3f}, max {max(xs):.3f}"  # noqa: E731
+    print(f"eval-cost: batch size {batch_size}, {len(per_sample)} repeats")
+    print(f"  training s/sample: {spread(per_sample)}")
+    print(f"  evaluation pass over {n_val} val tweets, s: {spread(eval_seconds)}")
+    train_s, eval_s = n_train * statistics.median(per_sample), statistics.median(eval_seconds)
+    ratio = (train_s + k * eval_s) / (train_s + eval_s)
+    worst = (n_train * min(per_sample) + k * max(eval_seconds)) / (n_train * min(per_sample) + max(eval_seconds))
+    print(f"  an epoch of {n_train} train tweets: {train_s:.1f} s training; with 1 evaluation "
+          f"{train_s + eval_s:.1f} s, with {k} {train_s + k * eval_s:.1f} s: {ratio:.3f}x "
+          f"(worst pairing of the repeats: {worst:.3f}x)")
+
+
 def whole_process(model_path, train_records, val_records, tmp: Path) -> list[tuple[str, float]]:
     """Whole processes (imports, load, train 1 epoch, evaluate, save) on the same 48 training tweets."""
     from emojitune.checkpoints import CheckpointDir, write_bytes
@@ -273,9 +341,19 @@ def main():
     p.add_argument("--multi-turn", type=int, default=None, metavar="K",
                    help="time only the default recipe on single tweets and on conversations of 2..K turns "
                         "(03 --multi-turn K), per tweet trained on")
+    p.add_argument("--eval-cost", action="store_true",
+                   help="only time 03's default recipe and its evaluation pass, --repeats times, and print what "
+                        "--evals-per-epoch costs an epoch")
+    p.add_argument("--repeats", type=int, default=3, help="repeats for --eval-cost (default: 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); 1 keeps a machine busy with other work from "
+                        "stalling every multi-threaded operation")
     args = p.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from emojitune.data import load_records
     from emojitune.split import stratified_split
@@ -287,6 +365,10 @@ def main():
     records = load_records(ROOT / "training_data_emotion_jp.json")
     train, val = stratified_split(records, 0.2, 42)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.eval_cost:
+        per_sample, eval_seconds, batch_size = time_eval_cost(model_path, train, val, args.samples, args.repeats)
+        print_eval_cost(per_sample, eval_seconds, batch_size, len(train), len(val))
+        return
     peak = matmul_peak_gflops(device)
     print(f"fp32 matmul peak measured here: {peak:.0f} GFLOP/s", flush=True)
 
@@ -320,6 +402,8 @@ def main():
         print(f"| {name} | {s:.3f} | {1 / s:.2f} | {g:.0f} | {100 * g / peak:.0f}% | {mem:.1f} GB | {ratio} |")
     print()
     print(f"evaluation pass (val loss + accuracy, {n_val} tweets, one teacher-forced pass): {eval_s:.2f} s")
+    default = next(r[1] for r in rows if r[0].startswith("ours, default"))
+    print_eval_cost([default], [eval_s], configs[0][1], len(train), n_val)
     print(f"06 answer latency, one tweet, greedy, prompt + 3 new tokens: {answer_s:.3f} s (median of 5)")
     print(f"06 --labels-only / --top, one tweet scored against {n_labels} labels: {top_s:.3f} s (median of 3)")
     if args.whole_process:

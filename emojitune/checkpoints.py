@@ -32,10 +32,12 @@ class CheckpointDir:
         self.resume_state = self.root / "resume.pt"  # optimizer and random state of the last finished epoch
         # 04 / 05: made from the run
         self.loss_plot = self.root / "loss.png"
+        self.compare_plot = self.root / "compare.png"  # 04 --compare: this run's curves beside other runs'
         self.eval_base = self.root / "eval_base.json"
         self.eval_compare = self.root / "eval_compare.json"
         # 07
         self.export_dir = self.root / "export"
+        self.confusion_plot = self.root / "confusion.png"  # 05: base (and tuned with --compare)
 
     def epoch_dir(self, epoch: int) -> Path:
         return self.epochs_dir / f"epoch-{epoch}"
@@ -52,7 +54,8 @@ class CheckpointDir:
 
     def derived_outputs(self) -> list[Path]:
         """What 04, 05 and 07 made from a run: stale once the run changes."""
-        return [self.loss_plot, self.eval_base, self.eval_compare, self.export_dir]
+        return [self.loss_plot, self.compare_plot, self.eval_base, self.eval_compare, self.confusion_plot,
+                self.export_dir]
 
     def training_outputs(self) -> list[Path]:
         """Everything 03 writes and what was made from it: what --overwrite clears before a new run."""

@@ -1,6 +1,7 @@
 """05: answer a set of tweets with the base model (and, with --compare, the tuned adapter) and score it;
 with --history N, ask them in order as one running conversation and measure how often answers repeat."""
 
+from dataclasses import asdict
 from itertools import pairwise
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from .console import UserError, log
 from .data import load_records, records_from_json
 from .emoji import is_single_emoji
 from .generation import Sampling, converse, generate_batch
+from .report import (classification_report, format_report, groups_for, groups_json, order_by_group,
+                     plot_confusion)
+from .scoring import label_probabilities
 from .session import as_base_model, load, resolve_setup, train_records
 
 
@@ -47,12 +51,15 @@ def _clip(text: str, width: int) -> str:
 
 def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | None = None, compare: bool = False,
              model: str | None = None, checkpoint: str = "last", system: str | None = None,
-             device: str = "auto", sampling: Sampling = Sampling(), history: int = 0) -> dict:
+             device: str = "auto", sampling: Sampling = Sampling(), history: int = 0, labels_only: bool = False,
+             groups: Path | None = None) -> dict:
     sampling.check()
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit} must be 1 or more")
     if history < 0:
         raise UserError(f"--history {history} must be 0 (each tweet alone) or more")
+    if history and labels_only:
+        raise UserError("--labels-only scores each tweet alone: drop --history (or --labels-only)")
     if input_path is None:
         if not cp.val.exists():
             raise UserError(f"{cp.val} not found: run 02_split_data.py first, or pass --input FILE")
@@ -61,13 +68,15 @@ def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | 
     else:
         records = load_records(input_path)
     trained = train_records(cp)
-    labels = {label for r in (trained or records) for label in r.labels}  # before --limit: it must not shrink them
+    label_list = list(dict.fromkeys(label for r in (trained or records) for label in r.labels))  # before --limit
+    labels = set(label_list)
     setup = resolve_setup(cp, model=model, checkpoint=checkpoint if compare else None, system=system)
     labels_from = str(cp.train) if trained else f"{input_path} (no {cp.train} yet)"
 
     turns = [turn for r in records for turn in r.turns]  # every turn of a conversation is a tweet to test
     turns = turns[:limit] if limit else turns
     tweets, expected = [user for user, _ in turns], [label for _, label in turns]
+    group_of, groups_note = groups_for(list(dict.fromkeys(label_list + expected)), groups)
     log(f"{len(tweets)} tweets from {input_path}; system prompt ({setup.system_from}): {setup.system or '(none)'}")
     log(f"trained labels from {labels_from}: {len(labels)}")
     log(f"history: one running conversation in file order, keeping the last {history} tweets and answers" if history
@@ -75,8 +84,12 @@ def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | 
     lm = load(setup, device)  # one load: the tuned answers with the adapter, the base answers without it
     adapter = f" + {setup.adapter}" if setup.adapter else ""
     log(f"model: {setup.model_id}{adapter} ({setup.model_from}) on {lm.device}")
+    if labels_only:
+        log(f"answers restricted to the {len(label_list)} trained labels (the most likely of them, no generation)")
 
-    def answer_all():
+    def answer_all() -> list[str]:
+        if labels_only:
+            return [label_probabilities(lm, setup.system, t, label_list)[0][0] for t in tweets]
         if history:
             return converse(lm, setup.system, tweets, history, sampling)
         return generate_batch(lm, setup.system, tweets, sampling)
@@ -88,6 +101,8 @@ def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | 
         answers["tuned"] = answer_all()
     summaries = {name: summarize(a, expected, labels) | repeats(a) for name, a in answers.items()}
     labels_repeat = repeats(expected)
+    ordered = order_by_group(label_list, group_of)
+    reports = {name: classification_report(a, expected, ordered, group_of) for name, a in answers.items()}
     results = []
     for i, (tweet, exp) in enumerate(zip(tweets, expected)):
         row = {"tweet": tweet, "expected": exp}
@@ -99,13 +114,21 @@ def evaluate(cp: CheckpointDir, *, input_path: Path | None = None, limit: int | 
             cells.append(f"{name} {_clip(a, 16) or '(empty)'} {'✓' if a == exp else '✗'}")
         results.append(row)
         log(f"{i + 1:>3}. {_clip(tweet, 30)}  expected {exp}  " + "  ".join(cells))
+    for name, report in reports.items():
+        log(format_report(name, report))
+    log(groups_note)
     for name, s in summaries.items():
         log(format_summary(name, s))
     for name, s in summaries.items():
         log(format_repeats(name, s, labels_repeat))
     out = cp.eval_compare if compare else cp.eval_base
     write_json(out, {"base_model": setup.model_id, "adapter": str(setup.adapter) if setup.adapter else None,
-                     "system_prompt": setup.system, "input": str(input_path), "max_new_tokens": sampling.max_new_tokens,
-                     "history": history, "labels_repeat": labels_repeat, "summary": summaries, "results": results})
-    log(f"wrote {out}")
-    return {"summary": summaries, "results": results}
+                     "system_prompt": setup.system, "input": str(input_path), "labels_only": labels_only,
+                     "sampling": None if labels_only else asdict(sampling), "groups_note": groups_note,
+                     "groups": groups_json(group_of), "history": history, "labels_repeat": labels_repeat,
+                     "summary": summaries, "report": reports, "results": results})
+    drawn = plot_confusion(cp.confusion_plot, {name: reports[name] for name in ("base", "tuned") if name in reports},
+                           group_of)
+    log(f"confusion matrix: {drawn}")
+    log(f"wrote {out}, {cp.confusion_plot}")
+    return {"summary": summaries, "report": reports, "results": results}

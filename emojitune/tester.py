@@ -9,7 +9,7 @@ from .console import UserError, log
 from .data import read_lines
 from .generation import Sampling, generate
 from .scoring import label_probabilities
-from .session import load, resolve_setup, trained_labels
+from .session import as_base_model, load, resolve_setup, trained_labels
 
 
 def enable_line_editing() -> None:
@@ -27,19 +27,24 @@ def format_top(ranked: list[tuple[str, float]], k: int) -> str:
 
 def run_tester(cp: CheckpointDir, *, checkpoint: str = "last", base: bool = False, model: str | None = None,
                system: str | None = None, device: str = "auto", sampling: Sampling = Sampling(),
-               labels_only: bool = False, top: int = 0, history: int = 0, stdin=None, stdout=None) -> None:
+               labels_only: bool = False, top: int = 0, history: int = 0, compare: bool = False, stdin=None,
+               stdout=None) -> None:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     sampling.check()
     if top < 0:
         raise UserError(f"--top {top} must be 0 (off) or a number of labels to show")
     if history < 0:
         raise UserError(f"--history {history} must be 0 (each tweet alone) or more")
+    if compare and base:
+        raise UserError("--compare already shows the base model's answer beside the tuned one: drop --base")
     labels_only = labels_only or top > 0
     setup = resolve_setup(cp, model=model, checkpoint=None if base else checkpoint, system=system)
     labels = trained_labels(cp) if labels_only else None
     lm = load(setup, device)
     # Notes go to stderr so that piped stdout holds only answers.
     what = f"base model {setup.model_id} (no adapter)" if base else f"{setup.model_id} + adapter {setup.adapter}"
+    if compare:
+        what = f"base model {setup.model_id} and, from the same load, + adapter {setup.adapter}"
     log(f"testing {what} on {lm.device} ({setup.model_from})", err=True)
     log(f"system prompt ({setup.system_from}): {setup.system or '(none)'}", err=True)
     if labels:
@@ -63,11 +68,18 @@ def run_tester(cp: CheckpointDir, *, checkpoint: str = "last", base: bool = Fals
         past.append((text, reply))
         return reply
 
+    def both(text: str) -> tuple[str, str]:
+        """--compare: the base model's answer (adapter switched off) and the tuned one."""
+        with as_base_model(lm):
+            base_answer = answer(text, stream=False)
+        return base_answer, answer(text, stream=False)
+
     if not stdin.isatty():
         for line in read_lines(stdin.buffer):
             text = line.strip()
             if text:
-                print(answer(text, stream=False), file=stdout, flush=True)
+                # With --compare, one line per input still: the two answers separated by a tab.
+                print("\t".join(both(text)) if compare else answer(text, stream=False), file=stdout, flush=True)
         return
     enable_line_editing()
     alone = "; each one is a new conversation" if not history else ""
@@ -77,7 +89,10 @@ def run_tester(cp: CheckpointDir, *, checkpoint: str = "last", base: bool = Fals
             text = input("> ").strip()
             if not text:
                 continue
-            if labels:
+            if compare:
+                base_answer, tuned_answer = both(text)
+                print(f"base {base_answer or '(empty)'}   tuned {tuned_answer or '(empty)'}", file=stdout, flush=True)
+            elif labels:
                 print(answer(text, stream=False), file=stdout, flush=True)
             else:
                 answer(text, stream=True)  # the streamer prints the answer as it is generated

@@ -1,4 +1,5 @@
-"""03: LoRA training with loss on the answer only, an evaluation after every epoch, adapters and resume.
+"""03: LoRA training with loss on the answer only, a train-loss curve, evaluations during and after every
+epoch, early stopping, adapters and resume.
 
 A plain PyTorch loop (with accelerate for several processes) rather than TRL's SFTTrainer: on CPU TRL
 projects the 262k-token output layer over every prompt position and computes full-vocabulary entropy
@@ -47,11 +48,17 @@ class TrainSettings:
     multi_turn: int = option(1, "each epoch, chain the single-turn training tweets into conversations of 2..K "
                                 "turns (every tweet still once per epoch), so the model learns to answer with "
                                 "earlier turns in its context; 1 = every tweet alone")
+    log_every: int = option(10, "record the mean train loss every N optimizer steps (and at the end of each "
+                                "epoch) in metrics.json, for 04's curve")
+    evals_per_epoch: int = option(4, "evaluate on val.json K times per epoch, evenly spaced, the last at the "
+                                     "end of the epoch (that one picks the best epoch)")
+    early_stopping: int = option(0, "stop after N end-of-epoch evaluations in a row without a lower val loss "
+                                    "than the best so far (0 = off)")
     device: str = "auto"
 
-    # What a resumed run must share with the run it continues (epochs may grow).
+    # What a resumed run must share with the run it continues (epochs and early_stopping may change).
     FIXED_ON_RESUME = ("model", "lr", "batch_size", "lora_r", "lora_alpha", "lora_dropout", "max_length",
-                       "seed", "weight_decay", "max_grad_norm", "multi_turn")
+                       "seed", "weight_decay", "max_grad_norm", "multi_turn", "log_every", "evals_per_epoch")
 
     def check(self) -> None:
         problems = []
@@ -75,6 +82,12 @@ class TrainSettings:
             problems.append(f"--max-grad-norm {self.max_grad_norm} must be 0 (off) or more")
         if self.multi_turn < 1:
             problems.append(f"--multi-turn {self.multi_turn} must be 1 (single turns) or more, for example 4")
+        if self.log_every < 1:
+            problems.append(f"--log-every {self.log_every} must be at least 1 step")
+        if self.evals_per_epoch < 1:
+            problems.append(f"--evals-per-epoch {self.evals_per_epoch} must be at least 1 (the end of the epoch)")
+        if self.early_stopping < 0:
+            problems.append(f"--early-stopping {self.early_stopping} must be 0 (off) or a number of epochs")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -101,6 +114,11 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
 
     state = torch.load(cp.resume_state, map_location="cpu", weights_only=True) if previous else None
     done = state["epoch"] if state else 0
+    if state is not None and should_stop_early(state["metrics"], settings.early_stopping):
+        best = best_epoch(state["metrics"])
+        raise UserError(f"the run stopped early after epoch {done}: val loss was not below epoch {best}'s for "
+                        f"{done - best} epochs (--early-stopping {settings.early_stopping}); to train it further "
+                        f"pass --early-stopping 0 (off) or above {done - best}")
     if done >= settings.epochs:
         raise UserError(f"the run already finished {done} epochs: pass --epochs above {done} to continue it")
     torch.manual_seed(settings.seed)  # the LoRA initialisation and dropout masks follow from the seed
@@ -120,13 +138,14 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     chained_val = chained_examples(lm, val_records, settings, "val") if settings.multi_turn > 1 else None
     params = [p for p in lm.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings, lm.device)
-    epochs = []
+    epochs, steps, evals = [], [], []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         if torch.cuda.is_available() and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        epochs = state["metrics"]
+        # A run saved before the curve existed has no steps/evals: its curve starts where it resumes.
+        epochs, steps, evals = state["metrics"], state.get("steps", []), state.get("evals", [])
     loss_module = accelerator.prepare(answer_loss_module(lm.model))
 
     n_params, n_train = sum(p.numel() for p in lm.model.parameters()), sum(p.numel() for p in params)
@@ -158,51 +177,85 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     accelerator.wait_for_everyone()
 
     pad = pad_id(lm.tokenizer)
+    val_labels = [r.label for r in val_records]
     started = time.time()
     epoch = done
+    stopped_early = False
+
+    def reduced(loss_sum, token_sum):
+        """The mean answer-token loss over all processes (one host sync)."""
+        totals = torch.tensor([loss_sum.item(), float(token_sum)], device=accelerator.device)
+        if world > 1:
+            totals = accelerator.reduce(totals, reduction="sum")
+        return totals[0].item() / totals[1].item()
+
     try:
         for epoch in range(done + 1, settings.epochs + 1):
             # One epoch: every training tweet once, in the seeded order of this epoch (with --multi-turn,
-            # in this epoch's conversations).
+            # in this epoch's conversations, so the number of steps can differ from epoch to epoch).
             examples = (chained_examples(lm, train_records, settings, epoch) if settings.multi_turn > 1
                         else train_examples)
             answer_tokens = [e.answer_tokens for e in examples]
             batches = epoch_batches([len(e.input_ids) for e in examples], settings.batch_size * world,
                                     settings.seed, epoch)
+            steps_before = steps[-1]["step"] if steps else 0  # the curve's last point ends the previous epoch
+            eval_after = evaluation_steps(len(batches), settings.evals_per_epoch)
             loss_module.train()
             loss_sum, token_sum, epoch_start = torch.zeros((), device=accelerator.device), 0, time.time()
+            window_loss, window_tokens, window_steps = torch.zeros((), device=accelerator.device), 0, 0
+            eval_seconds, postfix = 0.0, {}
             bar = progress(batches, f"epoch {epoch}/{settings.epochs}", enabled=main)
-            for step, batch in enumerate(bar):
+            for step, batch in enumerate(bar, start=1):
                 summed, tokens = train_step(accelerator, loss_module, optimizer, examples, batch,
                                             answer_tokens, pad, settings.max_grad_norm)
                 loss_sum += summed
                 token_sum += tokens
-                if step % 10 == 9 and main:  # a host sync every 10 steps, not every step
-                    bar.set_postfix(loss=f"{loss_sum.item() / max(token_sum, 1):.4f}", refresh=False)
+                window_loss += summed
+                window_tokens += tokens
+                window_steps += 1
+                global_step = steps_before + step
+                # A point of the curve every --log-every steps and at the end of the epoch, so every
+                # point lies within one epoch (a resumed run starts at an epoch boundary with nothing pending).
+                if window_steps == settings.log_every or step == len(batches):
+                    steps.append({"step": global_step, "epoch": epoch - 1 + step / len(batches),
+                                  "train_loss": reduced(window_loss, window_tokens)})
+                    window_loss, window_tokens, window_steps = torch.zeros((), device=accelerator.device), 0, 0
+                    postfix["loss"] = f"{steps[-1]['train_loss']:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                if step in eval_after:
+                    # Loss and exact-match accuracy on the validation tweets in one teacher-forced pass
+                    # (eval mode: no dropout, so the training's random stream is not touched).
+                    eval_start = time.time()
+                    scores = score(lm.model, val_examples, pad, lm.device)
+                    eval_seconds += time.time() - eval_start
+                    evals.append({"step": global_step, "epoch": epoch - 1 + step / len(batches),
+                                  "val_loss": scores.mean_loss, "val_accuracy": scores.accuracy,
+                                  "per_label": per_label_correct(val_labels, scores.exact)})
+                    postfix["val"] = f"{scores.mean_loss:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
             bar.close()
-            totals = torch.tensor([loss_sum.item(), float(token_sum)], device=accelerator.device)
-            if world > 1:
-                totals = accelerator.reduce(totals, reduction="sum")
-            seconds = time.time() - epoch_start
+            train_loss = reduced(loss_sum, token_sum)
+            seconds = time.time() - epoch_start - eval_seconds
 
-            # Evaluate on the validation tweets: loss and exact-match accuracy in one teacher-forced pass.
-            eval_start = time.time()
-            scores = score(lm.model, val_examples, pad, lm.device)
-            row = {"epoch": epoch, "train_loss": totals[0].item() / totals[1].item(), "seconds": seconds,
+            # The end-of-epoch evaluation (the last of the epoch's) is the one that picks the best epoch.
+            row = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds,
                    "val_loss": scores.mean_loss, "val_accuracy": scores.accuracy,
                    "val_correct": scores.correct, "val_total": scores.total}
             chained = ""
             if chained_val is not None:
+                eval_start = time.time()
                 every_turn = score(lm.model, chained_val, pad, lm.device)
+                eval_seconds += time.time() - eval_start
                 row |= {"chained_val_loss": every_turn.mean_loss, "chained_val_accuracy": every_turn.accuracy,
                         "chained_val_correct": every_turn.correct, "chained_val_total": every_turn.total}
                 chained = (f"  chained val {every_turn.mean_loss:.4f}  acc {every_turn.accuracy:.2f} "
                            f"({every_turn.correct}/{every_turn.total})")
-            row["eval_seconds"] = time.time() - eval_start
+            row["eval_seconds"] = eval_seconds
             epochs.append(row)
             report(f"epoch {epoch}/{settings.epochs}  train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  "
                    f"acc {row['val_accuracy']:.2f} ({row['val_correct']}/{row['val_total']}){chained}  "
                    f"[{seconds:.0f}s]")
+            stopped_early = should_stop_early(epochs, settings.early_stopping)
 
             # Save: this epoch's adapter, then the state to resume from, then the metrics that name them.
             if main:
@@ -211,10 +264,13 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
                     with atomic_file(cp.resume_state) as tmp:
                         torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(),
                                     "rng_cpu": torch.get_rng_state(), "metrics": epochs,
+                                    "steps": steps, "evals": evals,
                                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                                     else None}, tmp)
-                    write_json(cp.metrics, {"epochs": epochs, "best_epoch": best_epoch(epochs)})
+                    write_json(cp.metrics, metrics_json(epochs, steps, evals, stopped_early))
             accelerator.wait_for_everyone()
+            if stopped_early:
+                break
     except KeyboardInterrupt:
         if main:
             _report_interrupt(cp, epoch, len(epochs))
@@ -226,14 +282,42 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
             save_adapter(lm, cp.adapter)
             write_json(cp.run_info, {**run_info, "finished": True, "train_seconds": round(time.time() - started, 1),
                                      "best_epoch": best})
-        report(advice(epochs, cp))
+        report(advice(epochs, cp, settings.early_stopping if stopped_early else 0))
         first, last = epochs[0]["epoch"], epochs[-1]["epoch"]
         folders = str(cp.epoch_dir(last)) if first == last else f"{cp.epoch_dir(first)} … epoch-{last}"
         report("wrote " + ", ".join(str(p) for p in (cp.run_info, cp.metrics, folders, cp.adapter, cp.resume_state)))
         report(f"next: uv run 04_plot_loss.py --checkpoint-dir {cp.root}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"epochs": epochs, "best_epoch": best}
+    return metrics_json(epochs, steps, evals, stopped_early)
+
+
+def metrics_json(epochs: list[dict], steps: list[dict], evals: list[dict], stopped_early: bool) -> dict:
+    metrics = {"epochs": epochs, "best_epoch": best_epoch(epochs), "steps": steps, "evals": evals,
+               "stopped_early": stopped_early}
+    if stopped_early:
+        metrics["stopped_after_epoch"] = epochs[-1]["epoch"]
+    return metrics
+
+
+def evaluation_steps(steps_per_epoch: int, evals_per_epoch: int) -> set[int]:
+    """The steps (from 1) of an epoch after which to evaluate: evenly spaced, the last at the epoch's end;
+    fewer when the epoch has fewer steps than evaluations."""
+    return {math.ceil(j * steps_per_epoch / evals_per_epoch) for j in range(1, evals_per_epoch + 1)}
+
+
+def per_label_correct(labels: list[str], exact: list[bool]) -> dict:
+    counts = {}
+    for label, right in zip(labels, exact):
+        entry = counts.setdefault(label, {"correct": 0, "total": 0})
+        entry["correct"] += right
+        entry["total"] += 1
+    return counts
+
+
+def should_stop_early(epochs: list[dict], patience: int) -> bool:
+    """--early-stopping N: the last N end-of-epoch evaluations had no val loss below the best before them."""
+    return patience > 0 and epochs[-1]["epoch"] - best_epoch(epochs) >= patience
 
 
 def preflight(cp: CheckpointDir, settings: TrainSettings, explicit: set[str], resume: bool, overwrite: bool):
@@ -404,10 +488,13 @@ def save_adapter(lm, folder: Path) -> None:
         lm.tokenizer.save_pretrained(tmp)
 
 
-def advice(epochs: list[dict], cp: CheckpointDir) -> str:
+def advice(epochs: list[dict], cp: CheckpointDir, stopped_by: int = 0) -> str:
+    """The closing advice; stopped_by is the --early-stopping patience that ended the run (0: it did not)."""
     best, last = best_epoch(epochs), epochs[-1]["epoch"]
+    stopped = (f"stopped early after epoch {last}: val loss not below epoch {best}'s for {last - best} "
+               f"epoch(s) (--early-stopping {stopped_by}); {cp.adapter} is epoch {last}'s. ") if stopped_by else ""
     if best < last:
-        return (f"val loss lowest at epoch {best}: later epochs overfit. Rerun with --epochs {best}, "
+        return (f"{stopped}val loss lowest at epoch {best}: later epochs overfit. Rerun with --epochs {best}, "
                 f"or use {cp.epoch_dir(best).relative_to(cp.root)} (06_test_finetuned_single.py "
                 f"--checkpoint best)")
     return f"val loss lowest at the last epoch ({last}): more --epochs may still help"
@@ -440,7 +527,10 @@ def _settings_for_this_run(cp, settings: TrainSettings, explicit: set[str], prev
             raise UserError("--resume continues the run with its own settings; these differ: " + ", ".join(clashes)
                             + ": drop them, or start a new run with --overwrite")
         kept = {k: saved[k] for k in TrainSettings.FIXED_ON_RESUME if k in saved}
-        settings = replace(settings, **kept, epochs=settings.epochs if "epochs" in explicit else saved["epochs"])
+        # epochs and early_stopping may change on resume; not given, they stay the run's.
+        may_change = {k: getattr(settings, k) if k in explicit else saved.get(k, getattr(settings, k))
+                      for k in ("epochs", "early_stopping")}
+        settings = replace(settings, **kept, **may_change)
         settings.check()
         base_model(cp, None)  # the model folder run.json names must still be there
     elif "model" not in explicit and cp.run_info.exists():

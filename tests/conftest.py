@@ -69,6 +69,6 @@ def learned_run(tiny_model, tmp_path_factory) -> Path:
     assert run_script("01_prepare_data.py", "--labels", LEARN_LABELS, "--checkpoint-dir", d).returncode == 0
     assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
     r = run_script("03_train_model.py", "--model", tiny_model, "--epochs", 40, "--lr", "1e-2",
-                   "--batch-size", 8, "--checkpoint-dir", d)
+                   "--batch-size", 8, "--evals-per-epoch", 1, "--checkpoint-dir", d)
     assert r.returncode == 0, r.stderr[-3000:]
     return d

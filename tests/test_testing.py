@@ -1,5 +1,7 @@
 """06_test_finetuned_single.py and 05_test_base.py on the learned tiny model."""
 
+from dataclasses import asdict
+
 import pytest
 from conftest import LEARN_LABELS, SYSTEM, assert_user_error, load_json, run_script
 
@@ -54,6 +56,13 @@ def test_piped_answers_are_history_free_and_match_plain_peft(learned_run, tiny_m
     assert len(base_lines) == 3
     assert base_lines == plain_greedy(tiny_model, None, TWEETS)
     assert base_lines != lines
+
+    # --compare: both answers from one load, one line per input, base<TAB>tuned.
+    both = run_script("06_test_finetuned_single.py", "--compare", "--checkpoint-dir", learned_run, input=piped)
+    assert both.returncode == 0, both.stderr[-2000:]
+    assert [line.split("\t") for line in both.stdout.splitlines()] == [[b, t] for b, t in zip(base_lines, lines)]
+    assert_user_error(run_script("06_test_finetuned_single.py", "--compare", "--base", "--checkpoint-dir",
+                                 learned_run, input=piped), "--compare", "drop --base")
 
 
 def test_labels_only_and_top(learned_run):
@@ -324,3 +333,100 @@ def test_trained_labels_include_earlier_turns(tmp_path):
     cp = CheckpointDir(tmp_path)
     write_bytes(cp.train, encode_records([Record(SYSTEM, "b", "😀", history=[("a", "😨")]), Record(None, "c", "😭")]))
     assert trained_labels(cp) == ["😨", "😀", "😭"]
+    # The report: per-label numbers, groups from the shipped file, confusion counts, generation settings.
+    from emojitune.generation import Sampling
+
+    assert saved["sampling"] == asdict(Sampling()) and saved["labels_only"] is False
+    assert "emotion_groups.json" in saved["groups_note"] and "tuned, per label" in r.stdout
+    assert saved["groups"]["joy"] == ["😀", "😁", "🤩", "🥳"]
+    for name in ("base", "tuned"):
+        report = saved["report"][name]
+        assert set(report["per_label"]) == set(LEARN_LABELS.split(","))
+        assert sum(p["support"] for p in report["per_label"].values()) == len(rows)
+        assert sum(map(sum, report["confusion"]["counts"])) == len(rows)
+        assert sum(report["confusion"]["counts"][i][i] for i in range(4)) == saved["summary"][name]["correct"]
+        assert report["group_accuracy"] >= report["accuracy"] and 0 <= report["macro_f1"] <= 1
+    assert (learned_run / "confusion.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_labels_only_report_and_own_groups(learned_run, tmp_path):
+    groups = tmp_path / "groups.json"
+    groups.write_text('{"happy": ["😀", "🤣"], "unhappy": ["😭"]}', encoding="utf-8")
+    r = run_script("05_test_base.py", "--checkpoint-dir", learned_run, "--compare", "--groups", groups)
+    assert_user_error(r, "label(s) 😨 are in no group")
+    groups.write_text('{"happy": ["😀", "🤣"], "unhappy": ["😭", "😨"]}', encoding="utf-8")
+    r = run_script("05_test_base.py", "--checkpoint-dir", learned_run, "--compare", "--labels-only", "--groups", groups)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = load_json(learned_run / "eval_compare.json")
+    assert saved["labels_only"] is True and saved["sampling"] is None and str(groups) in saved["groups_note"]
+    assert saved["groups"] == {"happy": ["😀", "🤣"], "unhappy": ["😭", "😨"]}
+    labels = set(LEARN_LABELS.split(","))
+    for name in ("base", "tuned"):
+        assert {row[name] for row in saved["results"]} <= labels  # every answer is a trained label
+        assert saved["report"][name]["other"] == 0
+        assert saved["report"][name]["confusion"]["rows"] == ["😀", "🤣", "😭", "😨"]  # ordered by group
+
+
+def test_classification_report_on_hand_made_answers():
+    """Known precision/recall: 😀 answered 3 times (2 right), 😭 twice (1 right), 😨 never; 2 answers are
+    not a trained label and land in "other"."""
+    from emojitune.report import classification_report
+
+    expected = ["😀", "😀", "😀", "😭", "😭", "😨", "😨", "😨"]
+    answers = ["😀", "😀", "😭", "😭", "😀", "Happy!", "😱", "😭"]
+    groups = {"😀": "joy", "😭": "sadness", "😨": "fear", "😱": "fear"}  # 😱 is no label but has a group
+    r = classification_report(answers, expected, ["😀", "😭", "😨"], groups)
+    p = r["per_label"]
+    assert (p["😀"]["precision"], p["😀"]["recall"], p["😀"]["support"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 3)
+    assert (p["😭"]["precision"], p["😭"]["recall"], p["😭"]["support"]) == (pytest.approx(1 / 3), 0.5, 2)
+    assert (p["😨"]["precision"], p["😨"]["recall"], p["😨"]["f1"]) == (0.0, 0.0, 0.0)
+    assert p["😭"]["f1"] == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    assert r["macro_f1"] == pytest.approx((2 / 3 + 0.4 + 0) / 3)
+    assert r["accuracy"] == pytest.approx(3 / 8) and r["other"] == 2
+    # Group accuracy: the 3 exact answers, plus 😱 for 😨 (both fear); 😭 for 😨 and 😀 for 😭 are not.
+    assert r["group_correct"] == 4 and r["group_accuracy"] == pytest.approx(0.5)
+    assert r["per_group"] == {"joy": {"correct": 2, "total": 3}, "sadness": {"correct": 1, "total": 2},
+                              "fear": {"correct": 1, "total": 3}}
+    assert r["confusion"] == {"rows": ["😀", "😭", "😨"], "columns": ["😀", "😭", "😨", "other"],
+                              "counts": [[2, 1, 0, 0], [1, 1, 0, 0], [0, 1, 0, 2]]}
+    assert "group_accuracy" not in classification_report(answers, expected, ["😀", "😭", "😨"])
+
+
+def test_groups_file_problems_and_the_shipped_groups(tmp_path):
+    from conftest import DATASET
+
+    from emojitune.console import UserError
+    from emojitune.report import SHIPPED_GROUPS, groups_for, load_groups, order_by_group
+
+    shipped = load_groups(SHIPPED_GROUPS)
+    labels = list(dict.fromkeys(r["messages"][2]["content"] for r in load_json(DATASET)))
+    assert sorted(shipped) == sorted(labels)  # every shipped emoji in exactly one group
+    assert 8 <= len(set(shipped.values())) <= 14
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"joy": ["😀", "😁"], "fun": ["😁"], "odd": "😭"}', encoding="utf-8")
+    with pytest.raises(UserError, match="😁 is in both 'joy' and 'fun'; group 'odd' must be a list"):
+        load_groups(bad)
+    small = tmp_path / "small.json"
+    small.write_text('{"joy": ["😀"], "sadness": ["😭"]}', encoding="utf-8")
+    with pytest.raises(UserError, match="label\\(s\\) 😨 🤣 are in no group"):
+        groups_for(["😀", "😨", "😭", "🤣"], small)
+    # The shipped file without --groups: labels it lacks turn group accuracy off, with a note saying so.
+    group_of, note = groups_for(["😀", "🐱"], None)
+    assert group_of is None and "🐱" in note and "--groups" in note
+    assert order_by_group(["😭", "🤣", "😀", "😁"], shipped) == ["😀", "😁", "🤣", "😭"]
+
+
+def test_confusion_axes_never_show_missing_glyphs(tmp_path, monkeypatch):
+    """Without an emoji font, the axes name each label ('grinning face'); ☹️'s U+FE0F is never drawn alone."""
+    import emojitune.report as report
+    from emojitune.report import classification_report, plot_confusion, short_name
+
+    assert short_name("☹️") == "white frowning face" and short_name("😀") == "grinning face"
+    monkeypatch.setattr(report, "EMOJI_FONTS", ("No Such Emoji Font",))
+    r = classification_report(["😀", "☹️", "x"], ["😀", "☹️", "☹️"], ["😀", "☹️"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns "Glyph ... missing from font(s)"
+        note = plot_confusion(tmp_path / "confusion.png", {"tuned": r}, None)
+    assert "Unicode names" in note and (tmp_path / "confusion.png").read_bytes().startswith(b"\x89PNG")

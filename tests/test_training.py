@@ -26,7 +26,20 @@ def test_two_epoch_run_writes_its_files(two_epochs, tiny_model):
         assert all(math.isfinite(e[k]) for k in ("train_loss", "val_loss", "val_accuracy"))
         assert 0 <= e["val_accuracy"] <= 1 and e["val_total"] == 50
     lowest = min(metrics["epochs"], key=lambda e: e["val_loss"])["epoch"]
-    assert metrics["best_epoch"] == lowest
+    assert metrics["best_epoch"] == lowest and metrics["stopped_early"] is False
+    # The curve: 200 steps per epoch at batch 1, a train-loss point every 10 steps, 4 evaluations per epoch.
+    assert [s["step"] for s in metrics["steps"]] == list(range(10, 401, 10))
+    assert all(s["epoch"] == s["step"] / 200 and math.isfinite(s["train_loss"]) for s in metrics["steps"])
+    assert [(e["step"], e["epoch"]) for e in metrics["evals"]] == [(50 * i, i / 4) for i in range(1, 9)]
+    for e in metrics["evals"]:
+        assert set(e) == {"step", "epoch", "val_loss", "val_accuracy", "per_label"}
+        assert sum(c["total"] for c in e["per_label"].values()) == 50 and len(e["per_label"]) == 25
+        assert sum(c["correct"] for c in e["per_label"].values()) == round(e["val_accuracy"] * 50)
+    for row in metrics["epochs"]:  # the end-of-epoch evaluation is the epoch's
+        end = next(e for e in metrics["evals"] if e["epoch"] == row["epoch"])
+        assert (end["val_loss"], end["val_accuracy"]) == (row["val_loss"], row["val_accuracy"])
+        points = [s for s in metrics["steps"] if row["epoch"] - 1 < s["epoch"] <= row["epoch"]]
+        assert row["train_loss"] == pytest.approx(sum(s["train_loss"] for s in points) / len(points), rel=0.2)
     assert sorted(p.name for p in d.iterdir()) == ["adapter", "data", "epochs", "metrics.json", "resume.pt",
                                                    "run.json"]
     assert sorted(p.name for p in (d / "epochs").iterdir()) == ["epoch-1", "epoch-2"]
@@ -109,7 +122,7 @@ def test_no_silent_overwrite(two_epochs, tiny_model):
 
 def test_resume_reaches_the_same_metrics(tmp_path, tiny_model):
     data = shipped_subset(tmp_path / "small.json", 40)  # 4 labels x 10
-    common = ("--model", tiny_model, "--batch-size", 4, "--lr", "3e-3")
+    common = ("--model", tiny_model, "--batch-size", 4, "--lr", "3e-3", "--log-every", 3)
     for name in ("straight", "resumed"):
         d = tmp_path / name
         assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
@@ -124,11 +137,61 @@ def test_resume_reaches_the_same_metrics(tmp_path, tiny_model):
     a, b = load_json(tmp_path / "straight/metrics.json"), load_json(tmp_path / "resumed/metrics.json")
     keys = ("epoch", "train_loss", "val_loss", "val_accuracy")
     assert [{k: e[k] for k in keys} for e in a["epochs"]] == [{k: e[k] for k in keys} for e in b["epochs"]]
+    # The curve continues exactly: 8 steps per epoch, points at steps 3, 6, 8 of each, 4 evaluations each.
+    assert a["steps"] == b["steps"] and a["evals"] == b["evals"]
+    assert [s["step"] for s in b["steps"]] == [3, 6, 8, 11, 14, 16, 19, 22, 24]
+    assert [e["step"] for e in b["evals"]] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24]
     assert (tmp_path / "straight/adapter/adapter_model.safetensors").read_bytes() == \
         (tmp_path / "resumed/adapter/adapter_model.safetensors").read_bytes()
     bad = run_script("03_train_model.py", "--resume", "--lr", "1e-4", "--epochs", 4,
                      "--checkpoint-dir", tmp_path / "resumed")
     assert_user_error(bad, "--lr", "run used")
+
+
+def test_early_stopping_on_a_run_that_overfits(tmp_path, tiny_model):
+    """A learning rate far too high for 32 tweets: val loss bottoms out early and rises after."""
+    d = tmp_path / "run"
+    data = shipped_subset(tmp_path / "small.json", 40)
+    assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
+    assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
+    r = run_script("03_train_model.py", "--model", tiny_model, "--epochs", 30, "--lr", "3e-2", "--batch-size", 8,
+                   "--evals-per-epoch", 1, "--early-stopping", 2, "--checkpoint-dir", d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = load_json(d / "metrics.json")
+    best, last = metrics["best_epoch"], metrics["epochs"][-1]["epoch"]
+    assert last == best + 2 < 30
+    assert metrics["stopped_early"] is True and metrics["stopped_after_epoch"] == last
+    assert all(e["val_loss"] >= metrics["epochs"][best - 1]["val_loss"] for e in metrics["epochs"][best:])
+    assert f"stopped early after epoch {last}" in r.stdout and f"val loss lowest at epoch {best}" in r.stdout
+    assert sorted(p.name for p in (d / "epochs").iterdir()) == [f"epoch-{n}" for n in range(1, last + 1)]
+    assert (d / "adapter/adapter_model.safetensors").read_bytes() == \
+        (d / f"epochs/epoch-{last}/adapter_model.safetensors").read_bytes()
+    assert load_json(d / "run.json")["finished"] is True
+    # Resuming a stopped run would stop again at once: 03 says how to train it further instead.
+    assert_user_error(run_script("03_train_model.py", "--resume", "--epochs", 40, "--checkpoint-dir", d),
+                      f"stopped early after epoch {last}", "--early-stopping 0")
+
+
+def test_evaluations_during_the_epoch_leave_training_unchanged(tmp_path, tiny_model):
+    from emojitune.checkpoints import CheckpointDir
+    from emojitune.data import prepare
+    from emojitune.split import split
+    from emojitune.training import TrainSettings, train
+
+    data = shipped_subset(tmp_path / "s.json", 40)
+    results = []
+    for k in (1, 3):
+        cp = CheckpointDir(tmp_path / f"evals-{k}")
+        prepare(data, cp)
+        split(cp)
+        settings = TrainSettings(model=str(tiny_model), epochs=2, batch_size=4, lr=3e-3, device="cpu",
+                                 evals_per_epoch=k, log_every=2)
+        results.append(train(cp, settings))
+    one, three = results
+    assert [(e["train_loss"], e["val_loss"]) for e in one["epochs"]] == \
+        [(e["train_loss"], e["val_loss"]) for e in three["epochs"]]
+    assert one["steps"] == three["steps"]
+    assert [e["step"] for e in one["evals"]] == [8, 16] and [e["step"] for e in three["evals"]] == [3, 6, 8, 11, 14, 16]
 
 
 def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tiny_model):
@@ -162,6 +225,7 @@ def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tin
 
 
 def test_plot_from_hand_made_metrics(tmp_path):
+    """A metrics.json written before steps/evals existed still plots, from its epochs alone."""
     from emojitune.checkpoints import write_json
 
     write_json(tmp_path / "metrics.json", {"epochs": [
@@ -175,6 +239,73 @@ def test_plot_from_hand_made_metrics(tmp_path):
     assert "← best" in r.stdout and "1.7100" in r.stdout
     assert_user_error(run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path / "empty"),
                       "metrics.json not found", "run 03_train_model.py first")
+
+
+def curve_metrics(epochs: int, val: list[float], steps_per_epoch: int = 20, log_every: int = 5) -> dict:
+    """metrics.json as 03 writes it, with 4 evaluations per epoch whose val losses are `val`."""
+    steps = [{"step": s, "epoch": s / steps_per_epoch, "train_loss": 2.0 / (1 + s / steps_per_epoch) + 0.1 * (s % 3)}
+             for s in range(log_every, epochs * steps_per_epoch + 1, log_every)]
+    evals = [{"step": steps_per_epoch * (i + 1) // 4, "epoch": (i + 1) / 4, "val_loss": v, "val_accuracy": 0.1 + i / 100,
+              "per_label": {"😀": {"correct": 1, "total": 2}}} for i, v in enumerate(val)]
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": val[4 * e - 1], "val_accuracy": 0.1 + (4 * e - 1) / 100,
+             "val_correct": 1, "val_total": 2} for e in range(1, epochs + 1)]
+    best = min(rows, key=lambda r: (r["val_loss"], r["epoch"]))["epoch"]
+    return {"epochs": rows, "best_epoch": best, "steps": steps, "evals": evals, "stopped_early": False}
+
+
+@pytest.mark.parametrize("epochs", [1, 30])
+def test_plot_of_a_curve(tmp_path, epochs):
+    from emojitune.checkpoints import write_json
+
+    val = [1.5 - 0.1 * i if i < 6 else 1.0 + 0.05 * (i - 6) for i in range(4 * epochs)]
+    write_json(tmp_path / "metrics.json", curve_metrics(epochs, val))
+    r = run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG") and "Traceback" not in r.stderr
+    assert len(r.stdout.splitlines()) == epochs + 2  # header, one row per epoch, wrote ...
+
+
+def test_smoothing_follows_the_points_without_lag():
+    from emojitune.plotting import smoothed, smoothing_window
+
+    assert smoothed([1.0, 3.0, 1.0, 3.0, 1.0], 3) == pytest.approx([2.0, 5 / 3, 7 / 3, 5 / 3, 2.0])
+    assert smoothing_window(20, 1) == 5 and smoothing_window(600, 30) == 25 and smoothing_window(3, 1) == 1
+
+
+def test_show_without_a_display_says_why(tmp_path):
+    from emojitune.checkpoints import write_json
+
+    write_json(tmp_path / "metrics.json", curve_metrics(1, [1.4, 1.3, 1.2, 1.1]))
+    r = run_script("04_plot_loss.py", "--show", "--checkpoint-dir", tmp_path, env={"MPLBACKEND": "agg"})
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --show opened no window: MPLBACKEND=agg")
+    assert str(tmp_path / "loss.png") in warnings[0] and (tmp_path / "loss.png").exists()
+
+
+def test_compare_runs(tmp_path):
+    from emojitune.checkpoints import write_json
+
+    settings = {"epochs": 2, "lr": 5e-05, "batch_size": 1, "seed": 42, "device": "auto"}
+    runs = {"base-recipe": ([1.5, 1.3, 1.2, 1.1, 1.15, 1.2, 1.3, 1.4], {}),
+            "fast": ([1.4, 1.2, 1.0, 0.95, 0.9, 0.85, 0.88, 0.9], {"lr": 2e-4, "batch_size": 16}),
+            "old": ([1.6, 1.5, 1.4, 1.3, 1.35, 1.3, 1.25, 1.2], None)}  # no run.json: a hand-made folder
+    for name, (val, changed) in runs.items():
+        write_json(tmp_path / name / "metrics.json", curve_metrics(2, val))
+        if changed is not None:
+            write_json(tmp_path / name / "run.json", {"settings": {**settings, **changed}})
+    r = run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path / "base-recipe", "--compare", tmp_path / "fast",
+                   tmp_path / "old")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:4]}
+    assert rows["base-recipe"][1:5] == ["(lr=5e-05,", "batch-size=1)", "1", "1.1000"]
+    assert rows["fast"][1:5] == ["(lr=0.0002,", "batch-size=16)", "2", "0.9000"]
+    assert rows["old"][1:3] == ["2", "1.2000"]
+    assert (tmp_path / "base-recipe/compare.png").read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "base-recipe/loss.png").exists()
+    r = run_script("04_plot_loss.py", "--checkpoint-dir", tmp_path / "fast", "--compare", tmp_path / "nope1",
+                   tmp_path / "nope2")
+    assert_user_error(r, "nope1/metrics.json not found", "nope2/metrics.json not found", "run 03_train_model.py first")
 
 
 def test_epoch_batches_cover_every_example_once_and_are_stable():
