@@ -259,7 +259,7 @@ class EpochReport(TrainerCallback):
         import torch
 
         seconds = time.time() - self.epoch_start
-        self.close()
+        self.close_bar()
         trainer, main = self.trainer, self.trainer.accelerator.is_main_process
         device = trainer.accelerator.device
         totals = torch.stack([torch.as_tensor(x if x is not None else 0.0, device=device, dtype=torch.float32)
@@ -273,6 +273,8 @@ class EpochReport(TrainerCallback):
                "val_correct": sum(scores.exact), "val_total": len(scores.exact),
                "eval_seconds": time.time() - eval_start}
         self.epochs.append(row)
+        # To --report-to too (TensorBoard shows them as eval/loss and eval/accuracy), beside TRL's step logs.
+        trainer.log({"eval_loss": row["val_loss"], "eval_accuracy": row["val_accuracy"]})
         if main:
             log(f"epoch {self.epoch}/{self.settings.epochs}  train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  "
                 f"acc {row['val_accuracy']:.2f} ({row['val_correct']}/{row['val_total']})  [{seconds:.0f}s]")
@@ -285,10 +287,15 @@ class EpochReport(TrainerCallback):
         self.trainer.accelerator.wait_for_everyone()
         self.held.close()  # a Ctrl+C held since on_epoch_end is raised here
 
-    def close(self) -> None:
+    def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def close(self) -> None:
+        """After training, even when it failed between on_epoch_end and on_save: the bar, and Ctrl+C's hold."""
+        self.close_bar()
+        self.held.close()
 
 
 def validation_scores(trainer, examples, pad: int):

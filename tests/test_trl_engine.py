@@ -231,3 +231,20 @@ def test_the_fast_engine_points_sharded_configs_to_trl():
 
     with pytest.raises(UserError, match="--engine trl"):
         check_data_parallel(SimpleNamespace(distributed_type=DistributedType.FSDP))
+
+
+def test_fsdp_scoring_and_adapter_saving_on_sharded_weights(tiny_model, tmp_path):
+    """trl_engine's FSDP code on 2 CPU processes with a model sharded by FSDP2 (accelerate shards on GPUs
+    only): the scorer on the sharded model gives the unsharded numbers, and the adapter gathered from the
+    shards is the unsharded one."""
+    from safetensors.torch import load_file
+
+    d = small_run_dir(tmp_path, "run", 20)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        str(ROOT / "tests/fsdp_worker.py"), str(tiny_model), str(d / "data/val.json"), str(tmp_path)],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = load_json(tmp_path / "scores.json")
+    assert scores["sharded"] == pytest.approx(scores["whole"], abs=1e-6)
+    whole, sharded = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("whole", "sharded"))
+    assert whole.keys() == sharded.keys() and all(whole[k].equal(sharded[k]) for k in whole)
