@@ -53,9 +53,8 @@ def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | 
     # This process's device: its own GPU under accelerate launch ("cpu:0" on CPU means cpu).
     device = str(config.device) if config.device.type == "cuda" else config.device.type
     lm = load_model(settings.model, device, training=True)
-    train_examples = _encode_checked(lm, train_records, cp.train, settings.max_length)
+    _encode_checked(lm, train_records, cp.train, settings.max_length)  # the refusal; TRL tokenizes its own data
     val_examples = _encode_checked(lm, val_records, cp.val, settings.max_length)
-    del train_examples  # checked for length only: TRL tokenizes the conversations itself
     epochs = [row for row in read_json(cp.metrics)["epochs"] if row["epoch"] <= done] if done else []
     reporter = EpochReport(cp, settings, val_examples, pad_id(lm.tokenizer), epochs)
     trainer = make_trainer(lm, settings, config, conversations(train_records), reporter)
@@ -67,9 +66,9 @@ def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | 
         warn("accelerate is configured for FSDP or DeepSpeed, which it runs on GPUs only: these processes train "
              "with plain data parallelism (every process holds the whole model)")
 
-    model = trainer.model
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 (DeepSpeed ZeRO-3 loads parameters empty)
+    n_params = sum(size(p) for p in trainer.model.parameters())
+    n_train = sum(size(p) for p in trainer.model.parameters() if p.requires_grad)
     report(f"model {settings.model}{model_note}: {n_params / 1e6:.1f}M parameters, LoRA trains "
            f"{n_train / 1e6:.2f}M ({100 * n_train / n_params:.2f}%)")
     processes = f", {world} processes (global batch {settings.batch_size * world}{sharding})" if world > 1 else ""
@@ -203,8 +202,9 @@ def make_trainer(lm, settings: TrainSettings, config, train_dataset, reporter: "
     disable_progress_bar()  # the dataset's tokenizing bars; EpochReport shows one bar per epoch
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = AnswerLossTrainer(model=lm.model, args=config, train_dataset=train_dataset,
-                                processing_class=lm.tokenizer, peft_config=lora, callbacks=[reporter])
+    with quiet_libraries():  # transformers' notes on the gradient_checkpointing names TRL still reads
+        trainer = AnswerLossTrainer(model=lm.model, args=config, train_dataset=train_dataset,
+                                    processing_class=lm.tokenizer, peft_config=lora, callbacks=[reporter])
     # The report is 03's own (one line per epoch); the Trainer's log dicts still reach --report-to.
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
