@@ -48,7 +48,7 @@ class TrainSettings:
     max_grad_norm: float = option(1.0, "clip the gradient to this norm (0 = no clipping)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: "
                                                  "less memory, same numbers, about 30% slower")
-    engine: str = option("fast", "fast: this project's loop (about 3x faster on CPU); trl: TRL's SFTTrainer "
+    engine: str = option("fast", "fast: this project's loop (2.5-6x faster on CPU); trl: TRL's SFTTrainer "
                                  "(FSDP, DeepSpeed, --report-to), same files", choices=ENGINES)
     report_to: str = option("none", "with --engine trl: send TRL's training logs there (the package is an "
                                     "optional extra, see README)", choices=REPORT_TO)

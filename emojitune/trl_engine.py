@@ -1,6 +1,6 @@
 """03 with TRL's SFTTrainer (`--engine trl`): the recipe, files and report of the fast loop in training.py,
 for what that loop does not do: FSDP and DeepSpeed under accelerate launch, and TRL's reporting
-(`--report-to`). On a CPU it is about 3x slower (README: Speed).
+(`--report-to`). On a CPU it is 2.5x slower at batch 1, 6x at batch 16 (README: Speed).
 
 The data is TRL's conversational prompt-completion format with completion-only loss. The validation loss
 and accuracy after each epoch come from scoring.score, as in the fast loop, so the two engines' numbers
