@@ -4,6 +4,7 @@
     uv run 03_train_model.py --model /path/to/gemma-3-270m-it --batch-size 16 --lr 2e-4
     uv run 03_train_model.py --processes 2                 # several processes (CPU cores or GPUs)
     uv run accelerate launch --num_processes 2 03_train_model.py      # the same through accelerate
+    uv run 03_train_model.py --engine trl                              # TRL's SFTTrainer (FSDP, DeepSpeed)
 
 Writes checkpoints/metrics.json, checkpoints/epochs/epoch-N/, checkpoints/adapter/, checkpoints/run.json.
 """

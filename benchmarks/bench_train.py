@@ -5,6 +5,9 @@
     uv run benchmarks/bench_train.py --multi-turn 4     # only: the default recipe, single tweets vs conversations
     uv run benchmarks/bench_train.py --eval-cost        # only: what --evals-per-epoch costs an epoch
 
+Three ways to train are timed: the original recipe (TRL, as the original user ran it), 03's fast engine, and
+03 --engine trl (TRL's SFTTrainer with 03's recipe and report).
+
 Speed depends on shapes, not weight values, so a random-weight model of the exact shape gives the real
 model's timings (not its losses). The tokenizer is a small byte-level BPE whose prompts for the shipped
 tweets average ~50 tokens with 2-3 answer tokens, as the real Gemma tokenizer's do.
@@ -192,6 +195,44 @@ def time_trl(model_path, train_path, samples):
     return (times[-1] - times[1]) / samples, lengths, peak_memory(device)
 
 
+def time_trl_engine(model_path, train_records, val_records, batch_size, samples):
+    """03 --engine trl's trainer (trl_engine.make_trainer) on this model, timed from its second step."""
+    import torch
+    from transformers import TrainerCallback
+
+    from emojitune import trl_engine
+    from emojitune.chat import encode, pad_id
+    from emojitune.checkpoints import CheckpointDir
+    from emojitune.modeling import load_model
+    from emojitune.training import TrainSettings
+
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = -(-samples // batch_size) + 1  # + the warm-up step
+    with tempfile.TemporaryDirectory() as out:
+        cp = CheckpointDir(out)
+        settings = TrainSettings(model=str(model_path), engine="trl", batch_size=batch_size, device=device)
+        config = trl_engine.sft_config(cp, settings)
+        config.max_steps, config.save_strategy = steps, "no"
+        lm = load_model(settings.model, device, training=True)
+        reporter = trl_engine.EpochReport(cp, settings, encode(lm, val_records[:4]), pad_id(lm.tokenizer), [])
+        trainer = trl_engine.make_trainer(lm, settings, config, trl_engine.conversations(train_records), reporter)
+        trainer.add_callback(Clock())
+        reset_peak_rss()
+        trainer.train()
+        reporter.close()
+    # times[2] is the start of step 2 and times[2 * steps - 1] the end of the last: the first step is warm-up
+    return (times[2 * steps - 1] - times[2]) / ((steps - 1) * batch_size), peak_memory(device)
+
+
 def sync(device: str) -> None:
     import torch
 
@@ -318,7 +359,11 @@ def whole_process(model_path, train_records, val_records, tmp: Path) -> list[tup
     runs = [("original recipe (TRL), whole process", [sys.executable, str(ROOT / "benchmarks/original_recipe.py")]),
             ("03_train_model.py default, whole process", [sys.executable, str(ROOT / "03_train_model.py")]),
             ("03_train_model.py --batch-size 16, whole process",
-             [sys.executable, str(ROOT / "03_train_model.py"), "--batch-size", "16"])]
+             [sys.executable, str(ROOT / "03_train_model.py"), "--batch-size", "16"]),
+            ("03_train_model.py --engine trl, whole process",
+             [sys.executable, str(ROOT / "03_train_model.py"), "--engine", "trl"]),
+            ("03_train_model.py --engine trl --batch-size 16, whole process",
+             [sys.executable, str(ROOT / "03_train_model.py"), "--engine", "trl", "--batch-size", "16"])]
     out = []
     for i, (name, cmd) in enumerate(runs):
         d = CheckpointDir(tmp / f"whole-{i}")
@@ -337,7 +382,7 @@ def main():
                    help="where the random-weight model is built (reused if present)")
     p.add_argument("--samples", type=int, default=32, help="training samples timed per configuration")
     p.add_argument("--whole-process", action="store_true", help="also time whole 03 processes vs TRL")
-    p.add_argument("--skip-trl", action="store_true", help="skip the TRL original recipe (slow)")
+    p.add_argument("--skip-trl", action="store_true", help="skip the TRL original recipe and 03 --engine trl (slow)")
     p.add_argument("--multi-turn", type=int, default=None, metavar="K",
                    help="time only the default recipe on single tweets and on conversations of 2..K turns "
                         "(03 --multi-turn K), per tweet trained on")
@@ -388,7 +433,12 @@ def main():
         s, gflop, mem = time_ours(model_path, train, bs, dropout, args.samples)
         rows.append((name, s, gflop, mem))
         print(f"  measured {name}: {s:.3f} s/sample", flush=True)
-    # The original recipe trains on the same kind of samples: count its useful work as for ours.
+    if not args.skip_trl:
+        for name, bs in (("03 --engine trl, default recipe (batch 1)", 1), ("03 --engine trl --batch-size 16", 16)):
+            s, mem = time_trl_engine(model_path, train, val, bs, args.samples)
+            rows.append((name, s, None, mem))
+            print(f"  measured {name}: {s:.3f} s/sample", flush=True)
+    # TRL trains on the same kind of samples: count its useful work as for ours.
     ours_gflop = next(r[2] for r in rows if r[2] is not None)
     eval_s, answer_s, top_s, n_val, n_labels = time_eval_and_answer(model_path, train, val)
 

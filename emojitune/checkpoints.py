@@ -30,6 +30,7 @@ class CheckpointDir:
         self.epochs_dir = self.root / "epochs"
         self.adapter = self.root / "adapter"
         self.resume_state = self.root / "resume.pt"  # optimizer and random state of the last finished epoch
+        self.trainer_dir = self.root / "trl"  # --engine trl: the Trainer's checkpoint-N (what --resume needs), logs
         # 04 / 05: made from the run
         self.loss_plot = self.root / "loss.png"
         self.compare_plot = self.root / "compare.png"  # 04 --compare: this run's curves beside other runs'
@@ -59,7 +60,7 @@ class CheckpointDir:
 
     def training_outputs(self) -> list[Path]:
         """Everything 03 writes and what was made from it: what --overwrite clears before a new run."""
-        return [self.run_info, self.metrics, self.epochs_dir, self.adapter, self.resume_state,
+        return [self.run_info, self.metrics, self.epochs_dir, self.adapter, self.resume_state, self.trainer_dir,
                 *self.derived_outputs()]
 
 
@@ -221,7 +222,7 @@ def check_existing_run(cp: CheckpointDir, resume: bool, overwrite: bool) -> dict
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
     if resume:
-        if not cp.resume_state.exists() or not cp.run_info.exists():
+        if not (cp.resume_state.exists() or cp.trainer_dir.exists()) or not cp.run_info.exists():
             raise UserError(f"{cp.root} holds no run to resume (no finished epoch): start one without --resume")
         return read_json(cp.run_info)
     if overwrite:

@@ -10,9 +10,9 @@ from .checkpoints import CheckpointDir
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def option(default, help: str, shown: str | None = None):
+def option(default, help: str, shown: str | None = None, choices: tuple | None = None):
     """A dataclass field that is also a command-line flag: its default and help live here only."""
-    return field(default=default, metadata={"help": help, "shown": shown})
+    return field(default=default, metadata={"help": help, "shown": shown, "choices": choices})
 
 
 def add_options(p, cls, defaults_after_parse: bool = False, group: bool = False) -> None:
@@ -31,7 +31,7 @@ def add_options(p, cls, defaults_after_parse: bool = False, group: bool = False)
             continue
         shown = f.metadata["shown"] or (f"{f.default:g}" if isinstance(f.default, float) else f.default)
         p.add_argument(flag, type=type(f.default), default=None if defaults_after_parse else f.default,
-                       help=f"{text} (default: {shown})")
+                       choices=f.metadata.get("choices"), help=f"{text} (default: {shown})")
 
 
 def options_from_args(cls, args, **extra):
