@@ -469,8 +469,8 @@ class _PlainProgress:
             if done % every == 0 or done == len(self.items):
                 print(f"{self.description}: step {done}/{len(self.items)}{self.postfix}", file=sys.stderr, flush=True)
 
-    def set_postfix(self, refresh: bool = False, **values) -> None:
-        self.postfix = "".join(f"  {k} {v}" for k, v in values.items())
+    def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **values) -> None:
+        self.postfix = "".join(f"  {k} {v}" for k, v in {**(ordered_dict or {}), **values}.items())
 
     def close(self) -> None:
         pass
