@@ -457,17 +457,21 @@ def progress(items, description: str, enabled: bool):
 
 
 class _PlainProgress:
-    """The part of tqdm's interface the loop uses, as one line at every tenth of the steps."""
+    """The part of tqdm's interface the loops use, as one line at every tenth of the steps."""
 
     def __init__(self, items, description: str):
         self.items, self.description, self.postfix = list(items), description, ""
+        self.done, self.every = 0, max(1, len(self.items) // 10)
 
     def __iter__(self):
-        every = max(1, len(self.items) // 10)
-        for done, item in enumerate(self.items, 1):
+        for item in self.items:
             yield item
-            if done % every == 0 or done == len(self.items):
-                print(f"{self.description}: step {done}/{len(self.items)}{self.postfix}", file=sys.stderr, flush=True)
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done % self.every == 0 or self.done == len(self.items):
+            print(f"{self.description}: step {self.done}/{len(self.items)}{self.postfix}", file=sys.stderr, flush=True)
 
     def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **values) -> None:
         self.postfix = "".join(f"  {k} {v}" for k, v in {**(ordered_dict or {}), **values}.items())

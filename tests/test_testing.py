@@ -164,6 +164,20 @@ def test_test_base_and_compare(learned_run):
     # The tuned answers equal 03's teacher-forced accuracy on the same val tweets at the last epoch.
     last = load_json(learned_run / "metrics.json")["epochs"][-1]
     assert saved["summary"]["tuned"]["correct"] == last["val_correct"]
+    # The report: per-label numbers, groups from the shipped file, confusion counts, generation settings.
+    from emojitune.generation import Sampling
+
+    assert saved["sampling"] == asdict(Sampling()) and saved["labels_only"] is False
+    assert "emotion_groups.json" in saved["groups_note"] and "tuned, per label" in r.stdout
+    assert saved["groups"]["joy"] == ["😀", "😁", "🤩", "🥳"]
+    for name in ("base", "tuned"):
+        report = saved["report"][name]
+        assert set(report["per_label"]) == set(LEARN_LABELS.split(","))
+        assert sum(p["support"] for p in report["per_label"].values()) == len(rows)
+        assert sum(map(sum, report["confusion"]["counts"])) == len(rows)
+        assert sum(report["confusion"]["counts"][i][i] for i in range(4)) == saved["summary"][name]["correct"]
+        assert report["group_accuracy"] >= report["accuracy"] and 0 <= report["macro_f1"] <= 1
+    assert (learned_run / "confusion.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_interactive_prompt_has_line_editing_and_history(learned_run):
@@ -333,20 +347,6 @@ def test_trained_labels_include_earlier_turns(tmp_path):
     cp = CheckpointDir(tmp_path)
     write_bytes(cp.train, encode_records([Record(SYSTEM, "b", "😀", history=[("a", "😨")]), Record(None, "c", "😭")]))
     assert trained_labels(cp) == ["😨", "😀", "😭"]
-    # The report: per-label numbers, groups from the shipped file, confusion counts, generation settings.
-    from emojitune.generation import Sampling
-
-    assert saved["sampling"] == asdict(Sampling()) and saved["labels_only"] is False
-    assert "emotion_groups.json" in saved["groups_note"] and "tuned, per label" in r.stdout
-    assert saved["groups"]["joy"] == ["😀", "😁", "🤩", "🥳"]
-    for name in ("base", "tuned"):
-        report = saved["report"][name]
-        assert set(report["per_label"]) == set(LEARN_LABELS.split(","))
-        assert sum(p["support"] for p in report["per_label"].values()) == len(rows)
-        assert sum(map(sum, report["confusion"]["counts"])) == len(rows)
-        assert sum(report["confusion"]["counts"][i][i] for i in range(4)) == saved["summary"][name]["correct"]
-        assert report["group_accuracy"] >= report["accuracy"] and 0 <= report["macro_f1"] <= 1
-    assert (learned_run / "confusion.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_labels_only_report_and_own_groups(learned_run, tmp_path):
