@@ -38,9 +38,9 @@ def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | 
     """training.train for --engine trl; `previous` is the run.json of the run to resume (None: a new run)."""
     check_report_to(settings.report_to)
     train_records, val_records = _read_split(cp)
-    conversations = [i + 1 for i, r in enumerate(train_records + val_records) if r.history]
-    if conversations:  # its prompt-completion data holds one turn per example
-        raise UserError(f"{cp.data_dir} holds {len(conversations)} multi-turn conversation(s): --engine trl trains "
+    multi_turn = [r for r in train_records + val_records if r.history]
+    if multi_turn:  # its prompt-completion data holds one turn per example
+        raise UserError(f"{cp.data_dir} holds {len(multi_turn)} multi-turn conversation(s): --engine trl trains "
                         "on single tweets only: use --engine fast")
     data_hashes = _checked_data_hashes(cp, previous)
     checkpoint = None
