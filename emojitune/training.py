@@ -9,6 +9,7 @@ for its logs, which is much slower for the same numbers (benchmarks/bench_train.
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import math
 import random
 import signal
@@ -348,6 +349,7 @@ def preflight(cp: CheckpointDir, settings: TrainSettings, explicit: set[str], re
     Returns the settings of this run, the run.json of the run to resume (or None), and a note on the model."""
     settings = replace(settings)  # the caller's object stays as it was
     settings.check()
+    check_report_to(settings.report_to)
     previous = check_existing_run(cp, resume, overwrite)
     settings, model_note = _settings_for_this_run(cp, settings, explicit, previous)
     _read_split(cp)
@@ -357,6 +359,17 @@ def preflight(cp: CheckpointDir, settings: TrainSettings, explicit: set[str], re
     check_model_source(settings.model)
     resolve_device(settings.device)
     return settings, previous, model_note
+
+
+# --report-to NAME needs this package, installed by the optional extra of the same name (pyproject.toml).
+REPORT_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def check_report_to(report_to: str) -> None:
+    package = REPORT_PACKAGES.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--report-to {report_to} needs the {package} package, which is not installed: run "
+                        f"`uv sync --extra {report_to}` (or `uv run --extra {report_to} 03_train_model.py ...`)")
 
 
 def train_step(accelerator, loss_module, optimizer, examples, batch: list[int], answer_tokens: list[int],

@@ -27,11 +27,9 @@ from .console import UserError, log, warn
 from .data import training_system_prompt
 from .modeling import load_model, quiet_libraries, resolve_device, resolve_dtype
 from .scoring import score
-from .training import (TrainSettings, _checked_data_hashes, _encode_checked, _read_split, _report_interrupt, advice,
+from .training import (REPORT_PACKAGES, TrainSettings, _checked_data_hashes, check_report_to, _encode_checked, _read_split, _report_interrupt, advice,
                        deferred_interrupt, library_versions, progress)
 
-# --report-to NAME needs this package, installed by the optional extra of the same name (pyproject.toml).
-REPORT_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
 def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | None, model_note: str) -> dict:
@@ -135,13 +133,6 @@ def sharded_engine(accelerator) -> str:
     """", FSDP" or ", DEEPSPEED" for the report when accelerate shards the model; "" for plain DDP."""
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
     return f", {kind}" if kind in ("FSDP", "DEEPSPEED") else ""
-
-
-def check_report_to(report_to: str) -> None:
-    package = REPORT_PACKAGES.get(report_to)
-    if package and importlib.util.find_spec(package) is None:
-        raise UserError(f"--report-to {report_to} needs the {package} package, which is not installed: run "
-                        f"`uv sync --extra {report_to}` (or `uv run --extra {report_to} 03_train_model.py ...`)")
 
 
 def sft_config(cp: CheckpointDir, settings: TrainSettings):
