@@ -10,6 +10,7 @@ forward + masked cross-entropy (tests/test_model.py checks it against `model(...
 
 import functools
 
+from . import fused_lora
 from .chat import IGNORE
 
 
@@ -106,8 +107,11 @@ def causal_lm_of(model):
 
 def answer_loss_module(model):
     """The model as a module whose forward returns the summed answer-token loss of a batch. Training
-    calls it, not the decoder directly, so that DDP sees the forward pass (its gradient sync needs it)."""
+    calls it, not the decoder directly, so that DDP sees the forward pass (its gradient sync needs it).
+    On CPU its LoRA layers run through fused_lora's speed path (same numbers up to float rounding)."""
     import torch
+
+    fused_lora.install(model)
 
     class AnswerLoss(torch.nn.Module):
         def __init__(self, model):

@@ -194,7 +194,8 @@ def test_evaluations_during_the_epoch_leave_training_unchanged(tmp_path, tiny_mo
     assert [e["step"] for e in one["evals"]] == [8, 16] and [e["step"] for e in three["evals"]] == [3, 6, 8, 11, 14, 16]
 
 
-def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tiny_model):
+@pytest.mark.parametrize("copies", [1, 5])  # 3 tweets: two-pass output layer; 15: the one-pass loss
+def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tiny_model, copies):
     """03's loss path (answer rows only, CPU output layer) gives the gradient of the loss a plain
     transformers user would write, `model(..., labels=labels).loss`, for the same LoRA weights."""
     import torch
@@ -213,7 +214,7 @@ def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tin
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
-    ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
+    ids, mask, labels = collate(encode(lm, records * copies), pad_id(lm.tokenizer), "cpu")
     params = [p for p in lm.model.parameters() if p.requires_grad]
     ours = answer_loss_module(lm.model)(ids, mask, labels) / (labels != -100).sum()
     ours_grad = torch.autograd.grad(ours, params)
@@ -222,6 +223,69 @@ def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tin
     assert ours.item() == pytest.approx(plain.item(), abs=1e-5)
     for a, b in zip(ours_grad, plain_grad):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_model):
+    """fused_lora's CPU path draws the dropout masks PEFT's layers draw (same seed, same order) and gives
+    their loss and gradients to float rounding; the random state after a step is the same too."""
+    import torch
+    from peft import LoraConfig
+
+    from emojitune import fused_lora
+    from emojitune.chat import collate, encode, pad_id
+    from emojitune.data import Record
+    from emojitune.modeling import load_model
+
+    records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        lm = load_model(str(tiny_model), "cpu", training=True,
+                        lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
+        with torch.no_grad():  # B starts at zero: give it values so the LoRA path is exercised
+            for name, p in lm.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        routed = fused_lora.install(lm.model) if fused else 0
+        ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
+        params = [p for p in lm.model.parameters() if p.requires_grad]
+        torch.manual_seed(1)
+        loss = lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        results.append((routed, loss.item(), torch.autograd.grad(loss, params), torch.rand(3)))
+    (_, plain_loss, plain_grad, plain_rng), (routed, fused_loss, fused_grad, fused_rng) = results
+    layers = 2 * 7  # the tiny model's decoder layers x (q, k, v, o, gate, up, down)
+    assert routed == layers
+    assert fused_loss == pytest.approx(plain_loss, abs=1e-6)
+    for a, b in zip(fused_grad, plain_grad):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert torch.equal(fused_rng, plain_rng)  # as many random numbers drawn: the next masks match too
+
+
+def test_fused_lora_steps_aside_when_the_adapter_is_off(tiny_model):
+    """05 --compare answers as the base model through PEFT's disable_adapter(): the fused layers then
+    give the base model's outputs, as PEFT's do."""
+    import torch
+    from peft import LoraConfig
+
+    from emojitune import fused_lora
+    from emojitune.modeling import load_model
+
+    torch.manual_seed(0)
+    lm = load_model(str(tiny_model), "cpu", lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        with lm.model.disable_adapter():
+            base = lm.model(input_ids=ids).logits
+        tuned = lm.model(input_ids=ids).logits
+        assert fused_lora.install(lm.model) > 0
+        with lm.model.disable_adapter():
+            assert torch.allclose(lm.model(input_ids=ids).logits, base, atol=1e-5)
+        assert torch.allclose(lm.model(input_ids=ids).logits, tuned, atol=1e-5)
+        assert not torch.allclose(base, tuned, atol=1e-3)
 
 
 def test_plot_from_hand_made_metrics(tmp_path):

@@ -1,0 +1,179 @@
+"""CPU speed path for PEFT's LoRA layers during training: same mathematics, same dropout masks, fewer and
+larger matrix products.
+
+PEFT computes each LoRA layer on its own: base(x) + lora_B(lora_A(dropout(x))) * scaling, each a separate
+operation with its own autograd node. In a Gemma 3 decoder layer q/k/v read the same input, as do
+gate/up, so here each such group runs as one autograd function: one matrix product for the group's frozen
+base weights (their rows concatenated into one matrix; the model's weights become views of it, so no
+memory is added), the LoRA update added inside the same BLAS call (addmm), and a backward pass written by
+hand that needs no elementwise scaling or summing passes over the outputs.
+
+The dropout masks are drawn exactly as torch's dropout draws them on CPU (`empty_like(x).bernoulli_(1-p)`,
+then divided by 1-p), in the same order as PEFT's layers draw them (q, k, v, then gate, up), so a run
+gives the numbers of the plain PEFT layers up to float rounding (tests/test_training.py compares losses
+and gradients). Only CPU: CUDA's dropout draws its masks with another kernel.
+
+The decoder calls q_proj, k_proj, v_proj (and gate_proj, up_proj) one after the other on the same tensor;
+the group computes all of them at the first call and hands out the others when they are asked for with
+that same tensor. Any other call falls back to PEFT's own forward.
+"""
+
+import functools
+
+
+def install(model) -> int:
+    """Route the LoRA layers of a PEFT model on CPU through the fused path. Returns the number of LoRA
+    layers routed (0 where it does not apply: not PEFT, not CPU, not plain LoRA). Idempotent."""
+    groups = _groups(model)
+    for group in groups:
+        group.install()
+    return sum(len(g.layers) for g in groups)
+
+
+def _groups(model) -> list:
+    import torch
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    groups = []
+    for module in model.modules():
+        names = ([("q_proj", "k_proj", "v_proj"), ("o_proj",)] if hasattr(module, "q_proj") and hasattr(module, "o_proj")
+                 else [("gate_proj", "up_proj"), ("down_proj",)] if hasattr(module, "gate_proj") else [])
+        for group in names:
+            layers = [getattr(module, n, None) for n in group]
+            if not all(isinstance(layer, LoraLinear) and _plain(layer) for layer in layers):
+                continue
+            weights = [layer.base_layer.weight for layer in layers]
+            if weights[0].device.type != "cpu" or len({(w.shape[1], w.dtype) for w in weights}) != 1:
+                continue
+            if getattr(layers[0], "_fused_group", None) is None:
+                groups.append(_Group(layers, torch))
+    return groups
+
+
+def _plain(layer) -> bool:
+    """Vanilla LoRA on a bias-free nn.Linear with one adapter: what the fused function computes."""
+    import torch
+
+    base = layer.base_layer
+    return (type(base) is torch.nn.Linear and base.bias is None and not layer.fan_in_fan_out
+            and list(layer.lora_A) == ["default"] and not layer.lora_variant
+            and layer.lora_A["default"].weight.dtype == base.weight.dtype
+            and getattr(layer.lora_A["default"], "bias", None) is None
+            and getattr(layer.lora_B["default"], "bias", None) is None
+            and isinstance(layer.lora_dropout["default"], (torch.nn.Dropout, torch.nn.Identity)))
+
+
+class _Group:
+    """LoRA layers that read the same input, computed together."""
+
+    def __init__(self, layers, torch):
+        self.layers = layers
+        self.sizes = [layer.base_layer.out_features for layer in layers]
+        # One matrix for the group's frozen base weights; each layer's weight becomes a view of its rows.
+        weight = torch.cat([layer.base_layer.weight.detach() for layer in layers])
+        start = 0
+        for layer, size in zip(layers, self.sizes):
+            layer.base_layer.weight.data = weight[start:start + size]
+            start += size
+        self.weight = weight
+        self.pending = None  # (input, outputs, next index) between the group's calls
+
+    def install(self) -> None:
+        for i, layer in enumerate(self.layers):
+            layer._fused_group = self
+            layer.forward = functools.partial(self.forward, i)
+
+    def usable(self) -> bool:
+        layer = self.layers[0]
+        return not (any(l.disable_adapters or l.merged for l in self.layers)
+                    or list(layer.active_adapters) != ["default"])
+
+    def forward(self, i: int, x, *args, **kwargs):
+        layer = self.layers[i]
+        if args or kwargs or not self.usable():
+            self.pending = None
+            return type(layer).forward(layer, x, *args, **kwargs)
+        if i > 0:
+            pending, self.pending = self.pending, None
+            if pending is not None and pending[0] is x and pending[2] == i:
+                if i + 1 < len(self.layers):
+                    self.pending = (x, pending[1], i + 1)
+                return pending[1][i]
+            # Not the call sequence the group expects: PEFT's own layer (draws its own mask).
+            return type(layer).forward(layer, x)
+        dropout = layer.lora_dropout["default"]
+        p = dropout.p if getattr(dropout, "p", 0) and dropout.training else 0.0
+        lora = [l.lora_A["default"].weight for l in self.layers] + [l.lora_B["default"].weight for l in self.layers]
+        outputs = _fused_function().apply(x, self.weight, (tuple(self.sizes),
+                                          tuple(l.scaling["default"] for l in self.layers), p), *lora)
+        if len(self.layers) > 1:
+            self.pending = (x, outputs, 1)
+        return outputs[0]
+
+
+@functools.cache
+def _fused_function():
+    import torch
+
+    class FusedLora(torch.autograd.Function):
+        """y_i = x W_i^T + s_i (dropout_i(x) A_i^T) B_i^T for the layers i of a group."""
+
+        @staticmethod
+        def forward(ctx, x, weight, spec, *lora):
+            sizes, scalings, p = spec
+            k = len(sizes)
+            a, b = lora[:k], lora[k:]
+            x2 = x.reshape(-1, x.shape[-1])
+            out = x2 @ weight.T
+            masks, hs, start = [], [], 0
+            if p == 0:  # one product for all A matrices
+                h_all = x2 @ torch.cat(a).T
+                hs = list(h_all.split([ai.shape[0] for ai in a], dim=1))
+            for i in range(k):
+                if p:
+                    # torch's CPU dropout: the same kernel, shape and order, so the same mask
+                    mask = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p).reshape(x2.shape)
+                    masks.append(mask)
+                    hs.append((x2 * mask) @ a[i].T)
+                out[:, start:start + sizes[i]].addmm_(hs[i], b[i].T, alpha=scalings[i])
+                start += sizes[i]
+            ctx.spec = spec
+            ctx.x_shape = x.shape
+            ctx.save_for_backward(x2, weight, *a, *b, *hs, *masks)
+            outputs, start = [], 0
+            for size in sizes:
+                outputs.append(out[:, start:start + size].view(*x.shape[:-1], size))
+                start += size
+            return tuple(outputs)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            sizes, scalings, p = ctx.spec
+            k = len(sizes)
+            x2, weight, *rest = ctx.saved_tensors
+            a, b, hs, masks = rest[:k], rest[k:2 * k], rest[2 * k:3 * k], rest[3 * k:]
+            rows = x2.shape[0]
+            g = torch.cat([gi.reshape(rows, size) if gi is not None else x2.new_zeros(rows, size)
+                           for gi, size in zip(grads, sizes)], dim=1)
+            # The first layer's q/k/v read the embeddings, which are frozen: no input gradient there.
+            grad_x = g @ weight if ctx.needs_input_grad[0] else None
+            grad_a, grad_b, grad_h, start = [], [], [], 0
+            for i in range(k):
+                gi = g[:, start:start + sizes[i]]
+                start += sizes[i]
+                grad_b.append(torch.mm(gi.T, hs[i]).mul_(scalings[i]))
+                grad_h.append(torch.mm(gi, b[i]).mul_(scalings[i]))
+            if p == 0:
+                gh_all = torch.cat(grad_h, dim=1)
+                grad_a = list(torch.mm(gh_all.T, x2).split([ai.shape[0] for ai in a]))
+                if grad_x is not None:
+                    grad_x.addmm_(gh_all, torch.cat(a))
+            else:
+                for i in range(k):
+                    grad_a.append(torch.mm(grad_h[i].T, x2 * masks[i]))
+                    if grad_x is not None:
+                        grad_x.addcmul_(grad_h[i] @ a[i], masks[i])
+            return (None if grad_x is None else grad_x.view(ctx.x_shape), None, None, *grad_a, *grad_b)
+
+    return FusedLora
