@@ -98,6 +98,27 @@ def test_cpu_output_layer_matches_plain_linear_with_gradients(rows):
     assert torch.allclose(fast, plain, atol=1e-4) and torch.allclose(fast_grad, plain_grad, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows", [12, 48])
+def test_one_pass_output_loss_matches_log_softmax_with_gradients(rows):
+    """Training's one-pass cross-entropy (online softmax over vocabulary chunks, the last one partial)
+    gives the loss and input gradient of F.cross_entropy on the full logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from emojitune.loss import cpu_frozen_output_loss
+
+    torch.manual_seed(0)
+    weight = torch.randn(5000, 64)  # frozen, like the tied embedding under LoRA
+    h = torch.randn(rows, 64, requires_grad=True)
+    targets = torch.randint(0, 5000, (rows,))
+    scale = torch.rand(rows)  # a different upstream gradient per row
+    fast = cpu_frozen_output_loss(h, weight, targets, chunk=512)
+    (fast_grad,) = torch.autograd.grad((fast * scale).sum(), h)
+    plain = F.cross_entropy(F.linear(h, weight), targets, reduction="none")
+    (plain_grad,) = torch.autograd.grad((plain * scale).sum(), h)
+    assert torch.allclose(fast, plain, atol=1e-4) and torch.allclose(fast_grad, plain_grad, atol=1e-5)
+
+
 @pytest.mark.parametrize("system", [SYSTEM, None])
 def test_three_turn_conversation_carries_loss_on_every_answer_token_by_token(lm, system):
     """The ids of a 3-turn conversation are those of the chat template for the whole conversation, and the
