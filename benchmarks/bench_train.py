@@ -124,8 +124,10 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
     from emojitune.chat import encode, pad_id
     from emojitune.loss import answer_loss_module
     from emojitune.modeling import load_model
+    from emojitune.launch import keep_freed_memory
     from emojitune.training import TrainSettings, chained_examples, epoch_batches, make_optimizer, train_step
 
+    keep_freed_memory()  # as 03's train() does
     torch.manual_seed(42)
     lm = load_model(str(model_path), "cpu" if not torch.cuda.is_available() else "cuda",
                     lora=LoraConfig(lora_dropout=dropout, **LORA), training=True)
@@ -295,8 +297,10 @@ def time_eval_cost(model_path, train_records, val_records, samples: int, repeats
     from emojitune.loss import answer_loss_module
     from emojitune.modeling import load_model
     from emojitune.scoring import score
+    from emojitune.launch import keep_freed_memory
     from emojitune.training import TrainSettings, epoch_batches, make_optimizer, train_step
 
+    keep_freed_memory()  # as 03's train() does
     recipe = TrainSettings()
     torch.manual_seed(42)
     lm = load_model(str(model_path), "cuda" if torch.cuda.is_available() else "cpu", training=True,

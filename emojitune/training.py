@@ -25,6 +25,7 @@ from .checkpoints import (CheckpointDir, atomic_dir, atomic_file, base_model, be
 from .cli import option
 from .console import UserError, log
 from .data import record_name, records_from_json, training_system_prompt
+from .launch import keep_freed_memory
 from .loss import answer_loss_module
 from .modeling import check_model_source, load_model, resolve_device
 from .scoring import score
@@ -119,6 +120,7 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     from peft import LoraConfig
 
     settings, previous, model_note = preflight(cp, settings, explicit, resume, overwrite)
+    keep_freed_memory()  # every step reuses the last step's memory (no page faults)
     if settings.engine == "trl":  # same recipe, files and report, trained by TRL's SFTTrainer
         from .trl_engine import train_with_trl  # here: trl_engine builds on this module
 
