@@ -395,11 +395,12 @@ def train_step(accelerator, loss_module, optimizer, examples, batch: list[int], 
 
 
 def make_optimizer(params, settings: TrainSettings, device: str):
-    """AdamW (fused on CUDA) with a constant learning rate, as in the original recipe."""
+    """AdamW with a constant learning rate, as in the original recipe; fused (one kernel for all tensors)
+    on CUDA and CPU: on CPU 16 -> 10.5 ms per step for the 252 LoRA tensors of Gemma-3-270M, with clipping."""
     import torch
 
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
-                             fused=device.startswith("cuda"))
+                             fused=device.startswith(("cuda", "cpu")))
 
 
 def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
