@@ -194,25 +194,35 @@ def test_evaluations_during_the_epoch_leave_training_unchanged(tmp_path, tiny_mo
     assert [e["step"] for e in one["evals"]] == [8, 16] and [e["step"] for e in three["evals"]] == [3, 6, 8, 11, 14, 16]
 
 
+def tiny_lora(tiny_model, dropout: float, training: bool):
+    """The tiny model with a new LoRA (seed 0) whose B matrices are not zero, so the LoRA path changes
+    the outputs and gradients flow through every LoRA matrix."""
+    import torch
+    from peft import LoraConfig
+
+    from emojitune.modeling import load_model
+
+    torch.manual_seed(0)
+    lm = load_model(str(tiny_model), "cpu", training=training,
+                    lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return lm
+
+
 @pytest.mark.parametrize("copies", [1, 5])  # 3 tweets: two-pass output layer; 15: the one-pass loss
 def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tiny_model, copies):
     """03's loss path (answer rows only, CPU output layer) gives the gradient of the loss a plain
     transformers user would write, `model(..., labels=labels).loss`, for the same LoRA weights."""
     import torch
-    from peft import LoraConfig
 
     from emojitune.chat import collate, encode, pad_id
     from emojitune.data import Record
     from emojitune.loss import answer_loss_module
-    from emojitune.modeling import load_model
 
-    torch.manual_seed(0)
-    lm = load_model(str(tiny_model), "cpu", training=True,
-                    lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    with torch.no_grad():  # B starts at zero: give it values so the LoRA path is exercised
-        for name, p in lm.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    lm = tiny_lora(tiny_model, dropout=0.0, training=True)
     records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
     ids, mask, labels = collate(encode(lm, records * copies), pad_id(lm.tokenizer), "cpu")
     params = [p for p in lm.model.parameters() if p.requires_grad]
@@ -229,23 +239,15 @@ def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_mo
     """fused_lora's CPU path draws the dropout masks PEFT's layers draw (same seed, same order) and gives
     their loss and gradients to float rounding; the random state after a step is the same too."""
     import torch
-    from peft import LoraConfig
 
     from emojitune import fused_lora
     from emojitune.chat import collate, encode, pad_id
     from emojitune.data import Record
-    from emojitune.modeling import load_model
 
     records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
     results = []
     for fused in (False, True):
-        torch.manual_seed(0)
-        lm = load_model(str(tiny_model), "cpu", training=True,
-                        lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
-        with torch.no_grad():  # B starts at zero: give it values so the LoRA path is exercised
-            for name, p in lm.model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+        lm = tiny_lora(tiny_model, dropout=0.3, training=True)
         routed = fused_lora.install(lm.model) if fused else 0
         ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
         params = [p for p in lm.model.parameters() if p.requires_grad]
@@ -265,17 +267,10 @@ def test_fused_lora_steps_aside_when_the_adapter_is_off(tiny_model):
     """05 --compare answers as the base model through PEFT's disable_adapter(): the fused layers then
     give the base model's outputs, as PEFT's do."""
     import torch
-    from peft import LoraConfig
 
     from emojitune import fused_lora
-    from emojitune.modeling import load_model
 
-    torch.manual_seed(0)
-    lm = load_model(str(tiny_model), "cpu", lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    lm = tiny_lora(tiny_model, dropout=0.05, training=False)
     ids = torch.tensor([[2, 10, 11, 12, 13]])
     with torch.no_grad():
         with lm.model.disable_adapter():
