@@ -14,7 +14,11 @@ from conftest import SYSTEM, assert_user_error, load_json, run_script
 # enough to count agreement on, and the trained model answers different tweets differently.
 EXPORT_LABELS = "😀,🤣,😭,😨,😍,😤,😴,🤮"
 F16_LOGIT_TOLERANCE = 0.05  # measured 0.014 (f16 weights) on logits of magnitude ~15
-F32_LOGIT_TOLERANCE = 0.01  # measured 0.003 in EXPORT_NOTES: the difference of two float32 implementations
+# Two float32 implementations (llama.cpp's kernels, PyTorch's) differ by rounding that grows with the logits'
+# size: measured 0.003 (EXPORT_NOTES) and 0.0101 on two tiny models trained the same way with float-rounding
+# differences between them, with logits up to ~16: 2e-4 and 6e-4 of the largest logit. A conversion mistake
+# (the attention-scale trap) is off by whole units.
+F32_RELATIVE_LOGIT_TOLERANCE = 2e-3
 
 
 @pytest.fixture(scope="session")
@@ -250,7 +254,8 @@ def test_gguf_f16_answers_exactly_like_the_merged_model(export_run, reference, c
 
 def test_gguf_f32_logits_match_transformers(export_run, reference):
     agreement, worst = compare_gguf(export_run, export_run / "export-f32/model-f32.gguf", reference)
-    assert agreement == 1.0 and worst < F32_LOGIT_TOLERANCE, worst
+    largest = max(float(np.abs(logits).max()) for _, _, logits, _ in reference)
+    assert agreement == 1.0 and worst < F32_RELATIVE_LOGIT_TOLERANCE * largest, (worst, largest)
 
 
 def test_gguf_q8_0_agreement(export_run, reference, capsys):
