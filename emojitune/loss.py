@@ -19,13 +19,18 @@ def answer_token_losses(causal_lm, input_ids, attention_mask, labels, cache=None
     `cache`: keys and values of earlier tokens that `input_ids` continue (attention_mask covers both)."""
     import torch.nn.functional as F
 
+    hidden_rows, wanted, keep = answer_rows(causal_lm, input_ids, attention_mask, labels, cache)
+    logits = output_logits(causal_lm, hidden_rows)
+    rows = keep.nonzero()[:, 0]
+    return F.cross_entropy(logits, wanted, reduction="none"), logits.argmax(-1) == wanted, rows
+
+
+def answer_rows(causal_lm, input_ids, attention_mask, labels, cache=None):
+    """The decoder's hidden states that predict an answer token, those tokens, and where they sit."""
     hidden = run_decoder(causal_lm, input_ids, attention_mask, cache)
     targets = labels[:, 1:]  # position t is scored against the label of t + 1
     keep = targets != IGNORE
-    logits = output_logits(causal_lm, hidden[:, :-1][keep])
-    wanted = targets[keep]
-    rows = keep.nonzero()[:, 0]
-    return F.cross_entropy(logits, wanted, reduction="none"), logits.argmax(-1) == wanted, rows
+    return hidden[:, :-1][keep], targets[keep], keep
 
 
 def run_decoder(causal_lm, input_ids, attention_mask, cache=None):
@@ -51,7 +56,7 @@ def output_logits(causal_lm, hidden_rows):
     import torch
 
     head = causal_lm.get_output_embeddings()
-    if hidden_rows.device.type == "cpu" and head.bias is None and not head.weight.requires_grad:
+    if is_cpu_frozen_head(head, hidden_rows):
         logits = cpu_frozen_output_layer(hidden_rows, head.weight)
     else:
         logits = head(hidden_rows)
@@ -59,6 +64,11 @@ def output_logits(causal_lm, hidden_rows):
     if cap:  # Gemma 2 style soft-cap, which the model's forward applies after its head (None for Gemma 3)
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
+
+
+def is_cpu_frozen_head(head, hidden_rows) -> bool:
+    """Do the CPU speed paths for a frozen output layer apply (no bias, no gradient for its weight)?"""
+    return hidden_rows.device.type == "cpu" and head.bias is None and not head.weight.requires_grad
 
 
 def cpu_frozen_output_layer(h, weight):
@@ -129,14 +139,10 @@ def summed_answer_loss(causal_lm, input_ids, attention_mask, labels):
     frozen output layer and a dozen answer rows or more (batch 4 and up), the cross-entropy and its
     gradient come from one pass over the output layer (cpu_frozen_output_loss) instead of logits,
     log-softmax and a second pass for the backward."""
-    hidden = run_decoder(causal_lm, input_ids, attention_mask)
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    rows, wanted = hidden[:, :-1][keep], targets[keep]
+    rows, wanted, _ = answer_rows(causal_lm, input_ids, attention_mask, labels)
     head = causal_lm.get_output_embeddings()
-    if (rows.device.type == "cpu" and rows.shape[0] >= ONE_PASS_MIN_ROWS and head.bias is None
-            and not head.weight.requires_grad and not getattr(causal_lm.config, "final_logit_softcapping", None)
-            and rows.dtype == head.weight.dtype):
+    if (rows.shape[0] >= ONE_PASS_MIN_ROWS and is_cpu_frozen_head(head, rows) and rows.dtype == head.weight.dtype
+            and not getattr(causal_lm.config, "final_logit_softcapping", None)):
         return cpu_frozen_output_loss(rows, head.weight, wanted).sum()
     import torch.nn.functional as F
 
