@@ -125,8 +125,8 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
         from .trl_engine import train_with_trl  # here: trl_engine builds on this module
 
         return train_with_trl(cp, settings, previous, model_note)
-    train_records, val_records = _read_split(cp)
-    data_hashes = _checked_data_hashes(cp, previous)
+    train_records, val_records = read_split(cp)
+    data_hashes = checked_data_hashes(cp, previous)
     device = resolve_device(settings.device)
     accelerator = Accelerator(cpu=device == "cpu")
     check_data_parallel(accelerator)
@@ -134,7 +134,7 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
         device = str(accelerator.device)
     main = accelerator.is_main_process
     report = log if main else (lambda *_: None)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
 
     state = torch.load(cp.resume_state, map_location="cpu", weights_only=True) if previous else None
     done = state["epoch"] if state else 0
@@ -155,8 +155,8 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     if settings.gradient_checkpointing:
         lm.model.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    train_examples = _encode_checked(lm, train_records, cp.train, settings.max_length)
-    val_examples = _encode_checked(lm, val_records, cp.val, settings.max_length)
+    train_examples = encode_checked(lm, train_records, cp.train, settings.max_length)
+    val_examples = encode_checked(lm, val_records, cp.val, settings.max_length)
     # The single-turn val.json stays the measure comparable across runs; with --multi-turn the validation
     # tweets are also chained once (the same conversations after every epoch) and scored on every turn.
     chained_val = chained_examples(lm, val_records, settings, "val") if settings.multi_turn > 1 else None
@@ -173,32 +173,9 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     loss_module = accelerator.prepare(answer_loss_module(lm.model))
 
     n_params, n_train = sum(p.numel() for p in lm.model.parameters()), sum(p.numel() for p in params)
-    report(f"model {settings.model}{model_note}: {n_params / 1e6:.1f}M parameters, LoRA trains "
-           f"{n_train / 1e6:.2f}M ({100 * n_train / n_params:.2f}%)")
-    processes = f", {world} processes (global batch {settings.batch_size * world})" if world > 1 else ""
-    report(f"device {lm.device}, {lm.dtype_name}{processes}")
-    report(f"data {len(train_records)} train / {len(val_records)} val from {cp.data_dir}")
-    report("settings " + "  ".join(f"{k}={v}" for k, v in asdict(settings).items() if k not in ("model", "device")))
-    if done:
-        report(f"resuming after epoch {done} of {settings.epochs}")
-    run_info = {
-        "base_model": settings.model,
-        "engine": settings.engine,
-        "settings": asdict(settings),
-        "device": lm.device,
-        "dtype": lm.dtype_name,
-        "processes": world,
-        "global_batch_size": settings.batch_size * world,
-        "system_prompt": training_system_prompt(train_records),
-        "data": {**data_hashes, "train_size": len(train_records), "val_size": len(val_records)},
-        "versions": library_versions(),
-        "finished": False,
-    }
-    if main:
-        # A new run replaces the old one; a resumed run changes what the plot and 05's answers were made from.
-        for path in cp.training_outputs() if previous is None else cp.derived_outputs():
-            remove(path)
-        write_json(cp.run_info, run_info)
+    report_start(report, cp, settings, model_note, lm, n_params, n_train, world, train_records, val_records, done)
+    run_info = start_run(cp, settings, previous, lm, world, train_records, val_records, data_hashes,
+                         library_versions(), main)
     accelerator.wait_for_everyone()
 
     pad = pad_id(lm.tokenizer)
@@ -298,7 +275,7 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
                 break
     except KeyboardInterrupt:
         if main:
-            _report_interrupt(cp, epoch, len(epochs))
+            report_interrupt(cp, epoch, len(epochs))
         raise
 
     best = best_epoch(epochs)
@@ -315,6 +292,44 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics_json(epochs, steps, evals, stopped_early)
+
+
+def report_start(report, cp: CheckpointDir, settings: TrainSettings, model_note: str, lm, n_params: int, n_train: int,
+                 world: int, train_records, val_records, done: int, sharding: str = "", engine: str = "") -> None:
+    """The lines both engines print before training: model, device, data, settings, where it resumes."""
+    report(f"model {settings.model}{model_note}: {n_params / 1e6:.1f}M parameters, LoRA trains "
+           f"{n_train / 1e6:.2f}M ({100 * n_train / n_params:.2f}%)")
+    processes = f", {world} processes (global batch {settings.batch_size * world}{sharding})" if world > 1 else ""
+    report(f"device {lm.device}, {lm.dtype_name}{processes}{engine}")
+    report(f"data {len(train_records)} train / {len(val_records)} val from {cp.data_dir}")
+    report("settings " + "  ".join(f"{k}={v}" for k, v in asdict(settings).items() if k not in ("model", "device")))
+    if done:
+        report(f"resuming after epoch {done} of {settings.epochs}")
+
+
+def start_run(cp: CheckpointDir, settings: TrainSettings, previous: dict | None, lm, world: int, train_records,
+              val_records, data_hashes: dict, versions: dict, main: bool) -> dict:
+    """run.json of a run that starts or resumes now (unfinished), written by the main process. A new run
+    first removes the old one; a resumed run removes what was made from its unfinished state (the plot,
+    05's results, the export), as both would no longer match it."""
+    run_info = {
+        "base_model": settings.model,
+        "engine": settings.engine,
+        "settings": asdict(settings),
+        "device": lm.device,
+        "dtype": lm.dtype_name,
+        "processes": world,
+        "global_batch_size": settings.batch_size * world,
+        "system_prompt": training_system_prompt(train_records),
+        "data": {**data_hashes, "train_size": len(train_records), "val_size": len(val_records)},
+        "versions": versions,
+        "finished": False,
+    }
+    if main:
+        for path in cp.training_outputs() if previous is None else cp.derived_outputs():
+            remove(path)
+        write_json(cp.run_info, run_info)
+    return run_info
 
 
 def metrics_json(epochs: list[dict], steps: list[dict], evals: list[dict], stopped_early: bool) -> dict:
@@ -354,7 +369,7 @@ def preflight(cp: CheckpointDir, settings: TrainSettings, explicit: set[str], re
     check_report_to(settings.report_to)
     previous = check_existing_run(cp, resume, overwrite)
     settings, model_note = _settings_for_this_run(cp, settings, explicit, previous)
-    _read_split(cp)
+    read_split(cp)
     if previous is not None and previous["data"].get("train_sha256") != sha256_file(cp.train):
         raise UserError(f"{cp.train} changed since the run started: --resume would mix two datasets: "
                         "start over with --overwrite")
@@ -582,7 +597,7 @@ def _settings_for_this_run(cp, settings: TrainSettings, explicit: set[str], prev
     return settings, note
 
 
-def _read_split(cp: CheckpointDir):
+def read_split(cp: CheckpointDir):
     hint = "run 02_split_data.py first"
     for path in (cp.train, cp.val):
         if not path.exists():
@@ -590,7 +605,7 @@ def _read_split(cp: CheckpointDir):
     return records_from_json(cp.train, hint), records_from_json(cp.val, hint)
 
 
-def _checked_data_hashes(cp: CheckpointDir, previous: dict | None) -> dict:
+def checked_data_hashes(cp: CheckpointDir, previous: dict | None) -> dict:
     data_hashes = {"train_sha256": sha256_file(cp.train), "val_sha256": sha256_file(cp.val)}
     if previous is not None and previous["data"].get("train_sha256") != data_hashes["train_sha256"]:
         raise UserError(f"{cp.train} changed since the run started: --resume would mix two datasets: "
@@ -598,7 +613,7 @@ def _checked_data_hashes(cp: CheckpointDir, previous: dict | None) -> dict:
     return data_hashes
 
 
-def _encode_checked(lm, records, path: Path, max_length: int):
+def encode_checked(lm, records, path: Path, max_length: int):
     examples = encode(lm, records)
     long = [f"{record_name(i + 1)} has {len(e.input_ids)} tokens" for i, e in enumerate(examples)
             if len(e.input_ids) > max_length]
@@ -608,7 +623,7 @@ def _encode_checked(lm, records, path: Path, max_length: int):
     return examples
 
 
-def _report_interrupt(cp: CheckpointDir, epoch: int, finished: int) -> None:
+def report_interrupt(cp: CheckpointDir, epoch: int, finished: int) -> None:
     if finished:
         which = "epoch 1 is" if finished == 1 else f"epochs 1-{finished} are"
         what = (f"{which} saved in {cp.epochs_dir}. Continue with: uv run "

@@ -8,13 +8,11 @@ mean the same thing; the Trainer's checkpoint in DIR/trl is what --resume contin
 """
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 # A heavy import at the top, unlike the other modules: training.train imports this module only when
@@ -24,23 +22,22 @@ from transformers import TrainerCallback
 from .chat import conversation, pad_id
 from .checkpoints import CheckpointDir, atomic_dir, best_epoch, read_json, remove, write_json
 from .console import UserError, log, warn
-from .data import training_system_prompt
 from .modeling import load_model, quiet_libraries, resolve_device, resolve_dtype
 from .scoring import score
-from .training import (REPORT_PACKAGES, TrainSettings, _checked_data_hashes, check_report_to, _encode_checked, _read_split, _report_interrupt, advice,
-                       deferred_interrupt, library_versions, progress)
-
+from .training import (REPORT_PACKAGES, TrainSettings, advice, check_report_to, checked_data_hashes, deferred_interrupt,
+                       encode_checked, library_versions, progress, read_split, report_interrupt, report_start,
+                       start_run)
 
 
 def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | None, model_note: str) -> dict:
     """training.train for --engine trl; `previous` is the run.json of the run to resume (None: a new run)."""
     check_report_to(settings.report_to)
-    train_records, val_records = _read_split(cp)
+    train_records, val_records = read_split(cp)
     multi_turn = [r for r in train_records + val_records if r.history]
     if multi_turn:  # its prompt-completion data holds one turn per example
         raise UserError(f"{cp.data_dir} holds {len(multi_turn)} multi-turn conversation(s): --engine trl trains "
                         "on single tweets only: use --engine fast")
-    data_hashes = _checked_data_hashes(cp, previous)
+    data_hashes = checked_data_hashes(cp, previous)
     checkpoint = None
     if previous is not None:
         checkpoint = latest_trainer_checkpoint(cp)
@@ -55,8 +52,8 @@ def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | 
     # This process's device: its own GPU under accelerate launch ("cpu:0" on CPU means cpu).
     device = str(config.device) if config.device.type == "cuda" else config.device.type
     lm = load_model(settings.model, device, training=True)
-    _encode_checked(lm, train_records, cp.train, settings.max_length)  # the refusal; TRL tokenizes its own data
-    val_examples = _encode_checked(lm, val_records, cp.val, settings.max_length)
+    encode_checked(lm, train_records, cp.train, settings.max_length)  # the refusal; TRL tokenizes its own data
+    val_examples = encode_checked(lm, val_records, cp.val, settings.max_length)
     epochs = [row for row in read_json(cp.metrics)["epochs"] if row["epoch"] <= done] if done else []
     reporter = EpochReport(cp, settings, val_examples, pad_id(lm.tokenizer), epochs)
     trainer = make_trainer(lm, settings, config, conversations(train_records), reporter)
@@ -71,32 +68,10 @@ def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | 
     size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 (DeepSpeed ZeRO-3 loads parameters empty)
     n_params = sum(size(p) for p in trainer.model.parameters())
     n_train = sum(size(p) for p in trainer.model.parameters() if p.requires_grad)
-    report(f"model {settings.model}{model_note}: {n_params / 1e6:.1f}M parameters, LoRA trains "
-           f"{n_train / 1e6:.2f}M ({100 * n_train / n_params:.2f}%)")
-    processes = f", {world} processes (global batch {settings.batch_size * world}{sharding})" if world > 1 else ""
-    report(f"device {lm.device}, {lm.dtype_name}{processes}, engine trl (TRL's SFTTrainer)")
-    report(f"data {len(train_records)} train / {len(val_records)} val from {cp.data_dir}")
-    report("settings " + "  ".join(f"{k}={v}" for k, v in asdict(settings).items() if k not in ("model", "device")))
-    if done:
-        report(f"resuming after epoch {done} of {settings.epochs}")
-    run_info = {
-        "base_model": settings.model,
-        "engine": "trl",
-        "settings": asdict(settings),
-        "device": lm.device,
-        "dtype": lm.dtype_name,
-        "processes": world,
-        "global_batch_size": settings.batch_size * world,
-        "system_prompt": training_system_prompt(train_records),
-        "data": {**data_hashes, "train_size": len(train_records), "val_size": len(val_records)},
-        "versions": library_versions(("trl", "datasets", *REPORT_PACKAGES.get(settings.report_to, "").split())),
-        "finished": False,
-    }
-    if main:
-        if previous is None:
-            for path in cp.training_outputs():
-                remove(path)
-        write_json(cp.run_info, run_info)
+    report_start(report, cp, settings, model_note, lm, n_params, n_train, world, train_records, val_records, done,
+                 sharding, ", engine trl (TRL's SFTTrainer)")
+    versions = library_versions(("trl", "datasets", *REPORT_PACKAGES.get(settings.report_to, "").split()))
+    run_info = start_run(cp, settings, previous, lm, world, train_records, val_records, data_hashes, versions, main)
     trainer.accelerator.wait_for_everyone()
 
     started = time.time()
@@ -106,7 +81,7 @@ def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | 
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
         if main:
-            _report_interrupt(cp, reporter.epoch, len(epochs))
+            report_interrupt(cp, reporter.epoch, len(epochs))
             if not epochs:  # nothing to resume from: no Trainer state either
                 remove(cp.trainer_dir)
         raise

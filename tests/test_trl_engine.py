@@ -96,12 +96,12 @@ def test_trl_trains_on_the_fast_engines_examples_and_reports_with_its_scorer(tin
     from emojitune.checkpoints import CheckpointDir
     from emojitune.modeling import load_model
     from emojitune.scoring import score
-    from emojitune.training import TrainSettings, _read_split
+    from emojitune.training import TrainSettings, read_split
 
     cp = CheckpointDir(small_run_dir(tmp_path, "run", 20))
     settings = TrainSettings(model=str(tiny_model), engine="trl", device="cpu", epochs=1, batch_size=4, lr=1e-9,
                              lora_dropout=0.0)
-    train_records, val_records = _read_split(cp)
+    train_records, val_records = read_split(cp)
     lm = load_model(settings.model, "cpu", training=True)
     val = encode(lm, val_records)
     reporter = trl_engine.EpochReport(cp, settings, val, pad_id(lm.tokenizer), [])
@@ -179,8 +179,10 @@ def test_trl_ctrl_c_keeps_finished_epochs_and_resume_matches(trl_run, tiny_model
         (d / "adapter/adapter_model.safetensors").read_bytes()
 
     assert_user_error(run_script("03_train_model.py", "--resume", "--checkpoint-dir", d), "already finished 3 epochs")
+    (d / "loss.png").write_bytes(b"old plot")  # made from the 3-epoch run: outdated once it trains on
     r = run_script("03_train_model.py", "--resume", "--epochs", 4, "--checkpoint-dir", d)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not (d / "loss.png").exists()
     longer = load_json(d / "metrics.json")["epochs"]
     assert [{k: e[k] for k in keys} for e in longer[:3]] == [{k: e[k] for k in keys} for e in a]
     assert [e["epoch"] for e in longer] == [1, 2, 3, 4] and load_json(d / "run.json")["finished"] is True
