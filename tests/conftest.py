@@ -59,6 +59,60 @@ def load_json(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def small_run_dir(base: Path, name: str, n: int = 40) -> Path:
+    """base/name prepared and split (01, 02) from the first n shipped tweets: ready for 03."""
+    data = shipped_subset(base / f"{name}.json", n)
+    d = base / name
+    assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
+    assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
+    return d
+
+
+def straight_and_resumed(base: Path, *flags):
+    """The same 03 run trained for 3 epochs in one go (base/straight) and for 2, then --resume to 3
+    (base/resumed). Returns the two folders and the straight run's result."""
+    straight, resumed = small_run_dir(base, "straight"), small_run_dir(base, "resumed")
+    first = run_script("03_train_model.py", *flags, "--epochs", 3, "--checkpoint-dir", straight)
+    assert first.returncode == 0, first.stderr[-2000:]
+    r = run_script("03_train_model.py", *flags, "--epochs", 2, "--checkpoint-dir", resumed)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("03_train_model.py", "--resume", "--epochs", 3, "--checkpoint-dir", resumed)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming after epoch 2 of 3" in r.stdout
+    return straight, resumed, first
+
+
+def assert_same_epochs_and_adapter(a: Path, b: Path, keys: tuple[str, ...]) -> None:
+    """Two runs' metrics.json agree exactly on `keys` of every epoch, and their final adapters are the same bytes."""
+    x, y = load_json(a / "metrics.json")["epochs"], load_json(b / "metrics.json")["epochs"]
+    assert [{k: e[k] for k in keys} for e in x] == [{k: e[k] for k in keys} for e in y]
+    assert (a / "adapter/adapter_model.safetensors").read_bytes() == \
+        (b / "adapter/adapter_model.safetensors").read_bytes()
+
+
+def one_and_two_processes(base: Path, *flags) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """03 with `flags` for 2 epochs as one process at batch 4 and as two (accelerate launch) at batch 2 each:
+    the same global batch, so the same numbers to float rounding. Returns both folders and the two-process run."""
+    one, two = small_run_dir(base, "one"), small_run_dir(base, "two")
+    common = [*flags, "--epochs", 2, "--lr", "3e-3", "--lora-dropout", 0]
+    r1 = run_script("03_train_model.py", *common, "--batch-size", 4, "--checkpoint-dir", one)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    r2 = subprocess.run([str(accelerate), "launch", "--num_processes", "2", str(ROOT / "03_train_model.py"),
+                         *map(str, common), "--batch-size", "2", "--checkpoint-dir", str(two)],
+                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "2 processes (global batch 4)" in r2.stdout
+    assert r2.stdout.count("epoch 2/2  train") == 1  # one process reports and writes
+    a, b = load_json(one / "metrics.json")["epochs"], load_json(two / "metrics.json")["epochs"]
+    for x, y in zip(a, b, strict=True):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], abs=1e-4)
+        assert y["val_loss"] == pytest.approx(x["val_loss"], abs=1e-4)
+    assert load_json(two / "run.json")["processes"] == 2
+    assert not list(two.rglob("*.tmp")) and not list(two.rglob(".*.old"))
+    return one, two, r2
+
+
 LEARN_LABELS = "😀,🤣,😭,😨"
 
 

@@ -4,7 +4,8 @@ import math
 from dataclasses import asdict
 
 import pytest
-from conftest import SYSTEM, assert_user_error, load_json, run_script, shipped_subset
+from conftest import (SYSTEM, assert_same_epochs_and_adapter, assert_user_error, load_json, run_script,
+                      shipped_subset, straight_and_resumed)
 
 
 @pytest.fixture(scope="module")
@@ -121,30 +122,15 @@ def test_no_silent_overwrite(two_epochs, tiny_model):
 
 
 def test_resume_reaches_the_same_metrics(tmp_path, tiny_model):
-    data = shipped_subset(tmp_path / "small.json", 40)  # 4 labels x 10
-    common = ("--model", tiny_model, "--batch-size", 4, "--lr", "3e-3", "--log-every", 3)
-    for name in ("straight", "resumed"):
-        d = tmp_path / name
-        assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
-        assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
-    r = run_script("03_train_model.py", *common, "--epochs", 3, "--checkpoint-dir", tmp_path / "straight")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_script("03_train_model.py", *common, "--epochs", 2, "--checkpoint-dir", tmp_path / "resumed")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_script("03_train_model.py", "--resume", "--epochs", 3, "--checkpoint-dir", tmp_path / "resumed")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming after epoch 2 of 3" in r.stdout
-    a, b = load_json(tmp_path / "straight/metrics.json"), load_json(tmp_path / "resumed/metrics.json")
-    keys = ("epoch", "train_loss", "val_loss", "val_accuracy")
-    assert [{k: e[k] for k in keys} for e in a["epochs"]] == [{k: e[k] for k in keys} for e in b["epochs"]]
+    straight, resumed, _ = straight_and_resumed(tmp_path, "--model", tiny_model, "--batch-size", 4, "--lr", "3e-3",
+                                                "--log-every", 3)
+    assert_same_epochs_and_adapter(straight, resumed, ("epoch", "train_loss", "val_loss", "val_accuracy"))
     # The curve continues exactly: 8 steps per epoch, points at steps 3, 6, 8 of each, 4 evaluations each.
+    a, b = load_json(straight / "metrics.json"), load_json(resumed / "metrics.json")
     assert a["steps"] == b["steps"] and a["evals"] == b["evals"]
     assert [s["step"] for s in b["steps"]] == [3, 6, 8, 11, 14, 16, 19, 22, 24]
     assert [e["step"] for e in b["evals"]] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24]
-    assert (tmp_path / "straight/adapter/adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "resumed/adapter/adapter_model.safetensors").read_bytes()
-    bad = run_script("03_train_model.py", "--resume", "--lr", "1e-4", "--epochs", 4,
-                     "--checkpoint-dir", tmp_path / "resumed")
+    bad = run_script("03_train_model.py", "--resume", "--lr", "1e-4", "--epochs", 4, "--checkpoint-dir", resumed)
     assert_user_error(bad, "--lr", "run used")
 
 
@@ -472,30 +458,17 @@ def test_chained_conversations_use_every_tweet_once_per_epoch():
 
 
 def test_multi_turn_training_resumes_exactly_and_is_recorded(tmp_path, tiny_model):
-    data = shipped_subset(tmp_path / "small.json", 40)  # 4 labels x 10
-    common = ("--model", tiny_model, "--batch-size", 4, "--lr", "3e-3", "--multi-turn", 3)
-    for name in ("straight", "resumed"):
-        d = tmp_path / name
-        assert run_script("01_prepare_data.py", "--input", data, "--checkpoint-dir", d).returncode == 0
-        assert run_script("02_split_data.py", "--checkpoint-dir", d).returncode == 0
-    r = run_script("03_train_model.py", *common, "--epochs", 3, "--checkpoint-dir", tmp_path / "straight")
-    assert r.returncode == 0, r.stderr[-2000:]
+    straight, resumed, r = straight_and_resumed(tmp_path, "--model", tiny_model, "--batch-size", 4, "--lr", "3e-3",
+                                                "--multi-turn", 3)
     assert "multi_turn=3" in r.stdout and "  chained val " in r.stdout
-    assert load_json(tmp_path / "straight/run.json")["settings"]["multi_turn"] == 3
-    r = run_script("03_train_model.py", *common, "--epochs", 2, "--checkpoint-dir", tmp_path / "resumed")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_script("03_train_model.py", "--resume", "--epochs", 3, "--checkpoint-dir", tmp_path / "resumed")
-    assert r.returncode == 0, r.stderr[-2000:]
-    a, b = load_json(tmp_path / "straight/metrics.json"), load_json(tmp_path / "resumed/metrics.json")
-    keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "chained_val_loss", "chained_val_accuracy")
-    assert [{k: e[k] for k in keys} for e in a["epochs"]] == [{k: e[k] for k in keys} for e in b["epochs"]]
+    assert load_json(straight / "run.json")["settings"]["multi_turn"] == 3
+    assert_same_epochs_and_adapter(straight, resumed, ("epoch", "train_loss", "val_loss", "val_accuracy",
+                                                       "chained_val_loss", "chained_val_accuracy"))
+    a = load_json(straight / "metrics.json")
     # The chained measure scores every validation tweet once, like the single-turn one.
     assert all(e["chained_val_total"] == e["val_total"] == 8 for e in a["epochs"])
     assert a["epochs"][0]["chained_val_loss"] != a["epochs"][0]["val_loss"]  # history changes the numbers
-    assert (tmp_path / "straight/adapter/adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "resumed/adapter/adapter_model.safetensors").read_bytes()
-    bad = run_script("03_train_model.py", "--resume", "--multi-turn", 2, "--epochs", 4,
-                     "--checkpoint-dir", tmp_path / "resumed")
+    bad = run_script("03_train_model.py", "--resume", "--multi-turn", 2, "--epochs", 4, "--checkpoint-dir", resumed)
     assert_user_error(bad, "--multi-turn 2 (run used 3)")
     assert_user_error(run_script("03_train_model.py", "--multi-turn", 0, "--checkpoint-dir", tmp_path / "x"),
                       "--multi-turn 0 must be 1")

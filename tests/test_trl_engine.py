@@ -7,11 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import LEARN_LABELS, ROOT, SYSTEM, assert_user_error, load_json, run_script
-from test_reliability import small_run_dir
+from conftest import (LEARN_LABELS, ROOT, SYSTEM, assert_user_error, load_json, one_and_two_processes, run_script,
+                      small_run_dir)
 
 TRL = ("--engine", "trl")
 RECIPE = ("--batch-size", 4, "--lr", "3e-3")
@@ -189,23 +188,7 @@ def test_trl_ctrl_c_keeps_finished_epochs_and_resume_matches(trl_run, tiny_model
 
 
 def test_trl_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model):
-    one, two = small_run_dir(tmp_path, "one"), small_run_dir(tmp_path, "two")
-    common = [*TRL, "--model", tiny_model, "--epochs", 2, "--lr", "3e-3", "--lora-dropout", 0]
-    r1 = run_script("03_train_model.py", *common, "--batch-size", 4, "--checkpoint-dir", one)
-    assert r1.returncode == 0, r1.stderr[-2000:]
-    accelerate = Path(sys.executable).parent / "accelerate"
-    r2 = subprocess.run([str(accelerate), "launch", "--num_processes", "2", str(ROOT / "03_train_model.py"),
-                         *map(str, common), "--batch-size", "2", "--checkpoint-dir", str(two)],
-                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "2 processes (global batch 4)" in r2.stdout
-    assert r2.stdout.count("epoch 2/2  train") == 1  # one process reports and writes
-    a, b = load_json(one / "metrics.json")["epochs"], load_json(two / "metrics.json")["epochs"]
-    for x, y in zip(a, b, strict=True):
-        assert y["train_loss"] == pytest.approx(x["train_loss"], abs=1e-4)
-        assert y["val_loss"] == pytest.approx(x["val_loss"], abs=1e-4)
-    assert load_json(two / "run.json")["processes"] == 2
-    assert not list(two.rglob("*.tmp")) and not list(two.rglob(".*.old"))
+    one_and_two_processes(tmp_path, *TRL, "--model", tiny_model)
 
 
 def test_engine_refusals(trl_run, tiny_model, tmp_path):
