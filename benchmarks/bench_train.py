@@ -124,42 +124,52 @@ def useful_gflop(lengths: list[int], answers: list[int], cfg=GEMMA_3_270M, r: in
 
 # ---- the measured pieces ---------------------------------------------------------------------------
 
-def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkpointing=False, multi_turn=1):
-    """03's own training step (training.train_step) on this model, after one warm-up step. A sample is a
-    tweet: with multi_turn above 1, the tweets are chained into conversations as in 03's first epoch, and
-    steps are timed until as many tweets have been trained on."""
+def training_setup(model_path, records, batch_size: int, dropout: float, gradient_checkpointing=False,
+                   multi_turn=1):
+    """03's fast engine as train() sets it up (seed 42, the benchmark's LoRA with this dropout, 03's optimizer
+    and loss), one epoch's batches of `records`, and one training step already run: its first-call
+    allocations are not the steady state. Returns the model, the examples, the batches and the step."""
     import torch
     from accelerate import Accelerator
     from peft import LoraConfig
 
     from emojitune.chat import encode, pad_id
+    from emojitune.launch import keep_freed_memory
     from emojitune.loss import answer_loss_module
     from emojitune.modeling import load_model
-    from emojitune.launch import keep_freed_memory
     from emojitune.training import TrainSettings, chained_examples, epoch_batches, make_optimizer, train_step
 
     keep_freed_memory()  # as 03's train() does
-    torch.manual_seed(42)
-    lm = load_model(str(model_path), "cpu" if not torch.cuda.is_available() else "cuda",
+    settings = TrainSettings(multi_turn=multi_turn, lora_dropout=dropout, batch_size=batch_size)
+    torch.manual_seed(settings.seed)
+    lm = load_model(str(model_path), "cuda" if torch.cuda.is_available() else "cpu",
                     lora=LoraConfig(lora_dropout=dropout, **LORA), training=True)
     if gradient_checkpointing:
         lm.model.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     accelerator = Accelerator(cpu=lm.device == "cpu")
-    settings = TrainSettings(multi_turn=multi_turn)
     examples = chained_examples(lm, records, settings, 1) if multi_turn > 1 else encode(lm, records)
-    tweets = [e.answers for e in examples]
-    params = [p for p in lm.model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, settings, lm.device)
+    optimizer = make_optimizer([p for p in lm.model.parameters() if p.requires_grad], settings, lm.device)
     loss_module = accelerator.prepare(answer_loss_module(lm.model))
     answer_tokens = [e.answer_tokens for e in examples]
     pad = pad_id(lm.tokenizer)
 
     def step(batch):
-        return train_step(accelerator, loss_module, optimizer, examples, batch, answer_tokens, pad, 1.0)
+        return train_step(accelerator, loss_module, optimizer, examples, batch, answer_tokens, pad,
+                          settings.max_grad_norm)
 
-    batches = epoch_batches([len(e.input_ids) for e in examples], batch_size, 42, 1)
-    step(batches[0])  # warm-up: first-call allocations are not the steady state
+    batches = epoch_batches([len(e.input_ids) for e in examples], batch_size, settings.seed, 1)
+    step(batches[0])
+    return lm, examples, batches, step
+
+
+def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkpointing=False, multi_turn=1):
+    """03's own training step (training.train_step) on this model, after one warm-up step. A sample is a
+    tweet: with multi_turn above 1, the tweets are chained into conversations as in 03's first epoch, and
+    steps are timed until as many tweets have been trained on."""
+    lm, examples, batches, step = training_setup(model_path, records, batch_size, dropout, gradient_checkpointing,
+                                                 multi_turn)
+    tweets = [e.answers for e in examples]
     todo, n, lengths, answers = [], 0, [], []
     for b in batches[1:]:
         if n >= samples:
@@ -176,7 +186,7 @@ def time_ours(model_path, records, batch_size, dropout, samples, gradient_checkp
     seconds = time.perf_counter() - start
     for b in todo:
         lengths += [len(examples[i].input_ids) for i in b]
-        answers += [answer_tokens[i] for i in b]
+        answers += [examples[i].answer_tokens for i in b]
     return seconds / n, useful_gflop(lengths, answers) / n, peak_memory(lm.device)
 
 
@@ -300,32 +310,13 @@ def time_eval_cost(model_path, train_records, val_records, samples: int, repeats
     """03's default recipe on one LoRA model, as train() runs it: `samples` training steps, then one
     evaluation pass over the validation tweets, `repeats` times. Returns the s/sample and eval seconds
     of each repeat."""
-    import torch
-    from accelerate import Accelerator
-    from peft import LoraConfig
-
     from emojitune.chat import encode, pad_id
-    from emojitune.loss import answer_loss_module
-    from emojitune.modeling import load_model
     from emojitune.scoring import score
-    from emojitune.launch import keep_freed_memory
-    from emojitune.training import TrainSettings, epoch_batches, make_optimizer, train_step
+    from emojitune.training import TrainSettings
 
-    keep_freed_memory()  # as 03's train() does
     recipe = TrainSettings()
-    torch.manual_seed(42)
-    lm = load_model(str(model_path), "cuda" if torch.cuda.is_available() else "cpu", training=True,
-                    lora=LoraConfig(lora_dropout=recipe.lora_dropout, **LORA))
-    accelerator = Accelerator(cpu=lm.device == "cpu")
-    examples, val = encode(lm, train_records), encode(lm, val_records)
-    optimizer = make_optimizer([p for p in lm.model.parameters() if p.requires_grad], recipe, lm.device)
-    loss_module = accelerator.prepare(answer_loss_module(lm.model))
-    answer_tokens = [e.answer_tokens for e in examples]
-    pad = pad_id(lm.tokenizer)
-    batches = epoch_batches([len(e.input_ids) for e in examples], recipe.batch_size, recipe.seed, 1)
-    step = lambda b: train_step(accelerator, loss_module, optimizer, examples, b, answer_tokens, pad,  # noqa: E731
-                                recipe.max_grad_norm)
-    step(batches[0])  # warm-up
+    lm, _, batches, step = training_setup(model_path, train_records, recipe.batch_size, recipe.lora_dropout)
+    val, pad = encode(lm, val_records), pad_id(lm.tokenizer)
     score(lm.model, val[:4], pad, lm.device)
     per_sample, eval_seconds, at = [], [], 1
     for _ in range(repeats):
