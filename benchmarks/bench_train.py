@@ -244,7 +244,8 @@ def time_trl_engine(model_path, train_records, val_records, batch_size, samples)
         cp = CheckpointDir(out)
         settings = TrainSettings(model=str(model_path), engine="trl", batch_size=batch_size, device=device)
         config = trl_engine.sft_config(cp, settings)
-        config.max_steps, config.save_strategy = steps, "no"
+        # One "epoch" of exactly these steps, so the progress line counts k/steps.
+        config.max_steps, config.num_train_epochs, config.save_strategy = steps, 1, "no"
         lm = load_model(settings.model, device, training=True)
         reporter = trl_engine.EpochReport(cp, settings, encode(lm, val_records[:4]), pad_id(lm.tokenizer), [])
         trainer = trl_engine.make_trainer(lm, settings, config, trl_engine.conversations(train_records), reporter)
