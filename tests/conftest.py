@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,15 @@ def run_script(name: str, *args, input: str | bytes | None = None, cwd: Path = R
     if raw:
         result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     return result
+
+
+def start_script(name: str, *args) -> subprocess.Popen:
+    """Start a numbered script in the background (text pipes) for a test that presses Ctrl+C: SIGINT is set
+    back to its default in the child, as in a terminal, even where the tests themselves run with SIGINT
+    ignored (a shell's background job), which Python would otherwise pass on and turn Ctrl+C into nothing."""
+    return subprocess.Popen([sys.executable, str(ROOT / name), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def assert_user_error(result, *fragments):

@@ -2,23 +2,18 @@
 
 import contextlib
 import http.server
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from conftest import ROOT, assert_user_error, load_json, one_and_two_processes, run_script, small_run_dir
+from conftest import assert_user_error, load_json, one_and_two_processes, run_script, small_run_dir, start_script
 
 
 def test_ctrl_c_keeps_finished_epochs_and_resume_matches(tmp_path, tiny_model):
     common = ["--model", str(tiny_model), "--batch-size", "2", "--lr", "3e-3", "--epochs", "4"]
     straight, interrupted = small_run_dir(tmp_path, "straight"), small_run_dir(tmp_path, "interrupted")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "03_train_model.py"), *common, "--checkpoint-dir",
-                             str(interrupted)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_script("03_train_model.py", *common, "--checkpoint-dir", interrupted)
     metrics = interrupted / "metrics.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from conftest import (LEARN_LABELS, ROOT, SYSTEM, assert_user_error, load_json, one_and_two_processes, run_script,
-                      small_run_dir)
+                      small_run_dir, start_script)
 
 TRL = ("--engine", "trl")
 RECIPE = ("--batch-size", 4, "--lr", "3e-3")
@@ -149,8 +149,7 @@ def test_trl_ctrl_c_keeps_finished_epochs_and_resume_matches(trl_run, tiny_model
     straight, _ = trl_run
     d = small_run_dir(tmp_path, "interrupted")
     cmd = ["03_train_model.py", *TRL, "--model", tiny_model, *RECIPE, "--epochs", 3, "--checkpoint-dir", d]
-    proc = subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *map(str, cmd[1:])], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = start_script(*cmd)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (d / "metrics.json").exists() and len(load_json(d / "metrics.json")["epochs"]) >= 1:
