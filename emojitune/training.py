@@ -370,9 +370,7 @@ def preflight(cp: CheckpointDir, settings: TrainSettings, explicit: set[str], re
     previous = check_existing_run(cp, resume, overwrite)
     settings, model_note = _settings_for_this_run(cp, settings, explicit, previous)
     read_split(cp)
-    if previous is not None and previous["data"].get("train_sha256") != sha256_file(cp.train):
-        raise UserError(f"{cp.train} changed since the run started: --resume would mix two datasets: "
-                        "start over with --overwrite")
+    checked_data_hashes(cp, previous)
     check_model_source(settings.model)
     resolve_device(settings.device)
     return settings, previous, model_note

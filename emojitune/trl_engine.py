@@ -24,14 +24,14 @@ from .checkpoints import CheckpointDir, atomic_dir, best_epoch, read_json, remov
 from .console import UserError, log, warn
 from .modeling import load_model, quiet_libraries, resolve_device, resolve_dtype
 from .scoring import score
-from .training import (REPORT_PACKAGES, TrainSettings, advice, check_report_to, checked_data_hashes, deferred_interrupt,
+from .training import (REPORT_PACKAGES, TrainSettings, advice, checked_data_hashes, deferred_interrupt,
                        encode_checked, library_versions, progress, read_split, report_interrupt, report_start,
                        start_run)
 
 
 def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | None, model_note: str) -> dict:
-    """training.train for --engine trl; `previous` is the run.json of the run to resume (None: a new run)."""
-    check_report_to(settings.report_to)
+    """training.train for --engine trl, after its preflight; `previous` is the run.json of the run to resume
+    (None: a new run)."""
     train_records, val_records = read_split(cp)
     multi_turn = [r for r in train_records + val_records if r.history]
     if multi_turn:  # its prompt-completion data holds one turn per example

@@ -428,6 +428,11 @@ def test_a_rerun_keeps_the_runs_model_and_stale_files_go(tmp_path, tiny_model):
     r = run_script("03_train_model.py", "--resume", "--epochs", 2, "--checkpoint-dir", d)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (d / "loss.png").exists() and not (d / "eval_compare.json").exists()
+    data = (d / "data/train.json").read_bytes()
+    (d / "data/train.json").write_bytes(data.replace(b"]", b" ]", 1))  # other bytes, the same records
+    assert_user_error(run_script("03_train_model.py", "--resume", "--epochs", 3, "--checkpoint-dir", d),
+                      "train.json changed since the run started", "--overwrite")
+    (d / "data/train.json").write_bytes(data)
     assert_user_error(run_script("06_test_finetuned_single.py", "--checkpoint", "epoch-5", "--checkpoint-dir", d,
                                  input="x\n"), "epoch-5 not found", "saved epochs are epoch-1, epoch-2",
                       "--checkpoint epoch-N")
