@@ -278,17 +278,11 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
             report_interrupt(cp, epoch, len(epochs))
         raise
 
-    best = best_epoch(epochs)
     if main:
-        with deferred_interrupt():
+        with deferred_interrupt():  # the final adapter and the finished run.json together
             save_adapter(lm, cp.adapter)
-            write_json(cp.run_info, {**run_info, "finished": True, "train_seconds": round(time.time() - started, 1),
-                                     "best_epoch": best})
-        report(advice(epochs, cp, settings.early_stopping if stopped_early else 0))
-        first, last = epochs[0]["epoch"], epochs[-1]["epoch"]
-        folders = str(cp.epoch_dir(last)) if first == last else f"{cp.epoch_dir(first)} … epoch-{last}"
-        report("wrote " + ", ".join(str(p) for p in (cp.run_info, cp.metrics, folders, cp.adapter, cp.resume_state)))
-        report(f"next: uv run 04_plot_loss.py --checkpoint-dir {cp.root}")
+            finish_run(cp, run_info, started, epochs, settings.early_stopping if stopped_early else 0,
+                       cp.resume_state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics_json(epochs, steps, evals, stopped_early)
@@ -330,6 +324,20 @@ def start_run(cp: CheckpointDir, settings: TrainSettings, previous: dict | None,
             remove(path)
         write_json(cp.run_info, run_info)
     return run_info
+
+
+def finish_run(cp: CheckpointDir, run_info: dict, started: float, epochs: list[dict], stopped_by: int,
+               resume_from: Path) -> None:
+    """The main process's end of a run, for both engines: run.json marked finished (Ctrl+C held), the
+    best-epoch advice, what was written (`resume_from`: the engine's state for --resume) and the next step."""
+    with deferred_interrupt():
+        write_json(cp.run_info, {**run_info, "finished": True, "train_seconds": round(time.time() - started, 1),
+                                 "best_epoch": best_epoch(epochs)})
+    log(advice(epochs, cp, stopped_by))
+    first, last = epochs[0]["epoch"], epochs[-1]["epoch"]
+    folders = str(cp.epoch_dir(last)) if first == last else f"{cp.epoch_dir(first)} … epoch-{last}"
+    log("wrote " + ", ".join(str(p) for p in (cp.run_info, cp.metrics, folders, cp.adapter, resume_from)))
+    log(f"next: uv run 04_plot_loss.py --checkpoint-dir {cp.root}")
 
 
 def metrics_json(epochs: list[dict], steps: list[dict], evals: list[dict], stopped_early: bool) -> dict:

@@ -24,9 +24,8 @@ from .checkpoints import CheckpointDir, atomic_dir, best_epoch, read_json, remov
 from .console import UserError, log, warn
 from .modeling import load_model, quiet_libraries, resolve_device, resolve_dtype
 from .scoring import score
-from .training import (REPORT_PACKAGES, TrainSettings, advice, checked_data_hashes, deferred_interrupt,
-                       encode_checked, library_versions, progress, read_split, report_interrupt, report_start,
-                       start_run)
+from .training import (REPORT_PACKAGES, TrainSettings, checked_data_hashes, deferred_interrupt, encode_checked,
+                       finish_run, library_versions, progress, read_split, report_interrupt, report_start, start_run)
 
 
 def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | None, model_note: str) -> dict:
@@ -88,20 +87,12 @@ def train_with_trl(cp: CheckpointDir, settings: TrainSettings, previous: dict | 
     finally:
         reporter.close()
 
-    best = best_epoch(epochs)
     save_adapter(trainer, lm.tokenizer, cp.adapter)
     if main:
-        with deferred_interrupt():
-            write_json(cp.run_info, {**run_info, "finished": True, "train_seconds": round(time.time() - started, 1),
-                                     "best_epoch": best})
-        report(advice(epochs, cp))
-        first, last = epochs[0]["epoch"], epochs[-1]["epoch"]
-        folders = str(cp.epoch_dir(last)) if first == last else f"{cp.epoch_dir(first)} … epoch-{last}"
-        report("wrote " + ", ".join(str(p) for p in (cp.run_info, cp.metrics, folders, cp.adapter, cp.trainer_dir)))
-        report(f"next: uv run 04_plot_loss.py --checkpoint-dir {cp.root}")
+        finish_run(cp, run_info, started, epochs, 0, cp.trainer_dir)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
-    return {"epochs": epochs, "best_epoch": best}
+    return {"epochs": epochs, "best_epoch": best_epoch(epochs)}
 
 
 def sharded_engine(accelerator) -> str:
