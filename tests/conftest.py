@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,13 +33,32 @@ def run_script(name: str, *args, input: str | bytes | None = None, cwd: Path = R
     return result
 
 
-def start_script(name: str, *args) -> subprocess.Popen:
-    """Start a numbered script in the background (text pipes) for a test that presses Ctrl+C: SIGINT is set
-    back to its default in the child, as in a terminal, even where the tests themselves run with SIGINT
-    ignored (a shell's background job), which Python would otherwise pass on and turn Ctrl+C into nothing."""
-    return subprocess.Popen([sys.executable, str(ROOT / name), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+def interrupt_after_first_epoch(run_dir: Path, *args) -> list[dict]:
+    """Start 03 with `args` on run_dir, press Ctrl+C once an epoch is saved, and check the stop: exit 130, no
+    traceback, the --resume hint, every finished epoch's adapter, no final adapter, nothing half written.
+    Returns the finished epochs of metrics.json.
+
+    SIGINT is set back to its default in 03, as in a terminal, even where the tests themselves run with
+    SIGINT ignored (a shell's background job), which Python would otherwise pass on and make Ctrl+C do nothing."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "03_train_model.py"), *map(str, args), "--checkpoint-dir",
+                             str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    metrics = run_dir / "metrics.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(load_json(metrics)["epochs"]) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "interrupted during epoch" in err and "--resume" in err
+    done = load_json(metrics)["epochs"]
+    assert done and not (run_dir / "adapter").exists() and not list(run_dir.rglob("*.tmp"))
+    assert all((run_dir / "epochs" / f"epoch-{e['epoch']}" / "adapter_model.safetensors").exists() for e in done)
+    return done
 
 
 def assert_user_error(result, *fragments):

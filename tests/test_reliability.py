@@ -2,44 +2,25 @@
 
 import contextlib
 import http.server
-import signal
 import threading
-import time
 
 import pytest
-from conftest import assert_user_error, load_json, one_and_two_processes, run_script, small_run_dir, start_script
+from conftest import (assert_same_epochs_and_adapter, assert_user_error, interrupt_after_first_epoch, one_and_two_processes,
+                      run_script, small_run_dir)
 
 
 def test_ctrl_c_keeps_finished_epochs_and_resume_matches(tmp_path, tiny_model):
     common = ["--model", str(tiny_model), "--batch-size", "2", "--lr", "3e-3", "--epochs", "4"]
     straight, interrupted = small_run_dir(tmp_path, "straight"), small_run_dir(tmp_path, "interrupted")
-    proc = start_script("03_train_model.py", *common, "--checkpoint-dir", interrupted)
-    metrics = interrupted / "metrics.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(load_json(metrics)["epochs"]) >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err
-    assert "--resume" in err and "interrupted during epoch" in err
-    done = load_json(metrics)["epochs"]
-    assert 1 <= len(done) < 4
-    assert all((interrupted / "epochs" / f"epoch-{e['epoch']}" / "adapter_model.safetensors").exists() for e in done)
-    assert not (interrupted / "adapter").exists()
-    assert not list(interrupted.rglob("*.tmp"))
+    done = interrupt_after_first_epoch(interrupted, *common)
+    assert len(done) < 4
     # Without --resume a new run refuses to overwrite the unfinished one.
     assert_user_error(run_script("03_train_model.py", *common, "--checkpoint-dir", interrupted),
                       "unfinished run", "--resume")
     r = run_script("03_train_model.py", "--resume", "--checkpoint-dir", interrupted)
     assert r.returncode == 0, r.stderr[-2000:]
     assert run_script("03_train_model.py", *common, "--checkpoint-dir", straight).returncode == 0
-    keys = ("epoch", "train_loss", "val_loss", "val_accuracy")
-    a, b = load_json(straight / "metrics.json"), load_json(metrics)
-    assert [{k: e[k] for k in keys} for e in a["epochs"]] == [{k: e[k] for k in keys} for e in b["epochs"]]
+    assert_same_epochs_and_adapter(straight, interrupted, ("epoch", "train_loss", "val_loss", "val_accuracy"))
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model):

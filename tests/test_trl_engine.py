@@ -3,14 +3,12 @@ messages and resume behaviour."""
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import (LEARN_LABELS, ROOT, SYSTEM, assert_user_error, load_json, one_and_two_processes, run_script,
-                      small_run_dir, start_script)
+from conftest import (LEARN_LABELS, ROOT, SYSTEM, assert_same_epochs_and_adapter, assert_user_error,
+                      interrupt_after_first_epoch, load_json, one_and_two_processes, run_script, small_run_dir)
 
 TRL = ("--engine", "trl")
 RECIPE = ("--batch-size", 4, "--lr", "3e-3")
@@ -148,22 +146,10 @@ def test_trl_learns_four_labels(tiny_model, tmp_path):
 def test_trl_ctrl_c_keeps_finished_epochs_and_resume_matches(trl_run, tiny_model, tmp_path):
     straight, _ = trl_run
     d = small_run_dir(tmp_path, "interrupted")
-    cmd = ["03_train_model.py", *TRL, "--model", tiny_model, *RECIPE, "--epochs", 3, "--checkpoint-dir", d]
-    proc = start_script(*cmd)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (d / "metrics.json").exists() and len(load_json(d / "metrics.json")["epochs"]) >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
-    assert "interrupted during epoch" in err and "--resume" in err
-    done = load_json(d / "metrics.json")["epochs"]
-    assert 1 <= len(done) < 3 and not (d / "adapter").exists() and not list(d.rglob("*.tmp"))
-    assert all((d / "epochs" / f"epoch-{e['epoch']}" / "adapter_model.safetensors").exists() for e in done)
-    assert_user_error(run_script(*cmd), "unfinished run", "--resume")
+    flags = [*TRL, "--model", tiny_model, *RECIPE, "--epochs", 3]
+    done = interrupt_after_first_epoch(d, *flags)
+    assert len(done) < 3
+    assert_user_error(run_script("03_train_model.py", *flags, "--checkpoint-dir", d), "unfinished run", "--resume")
     assert_user_error(run_script("03_train_model.py", "--resume", "--engine", "fast", "--checkpoint-dir", d),
                       "--engine fast (run used trl)")
 
@@ -171,17 +157,14 @@ def test_trl_ctrl_c_keeps_finished_epochs_and_resume_matches(trl_run, tiny_model
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming after epoch {len(done)} of 3" in r.stdout
     keys = ("epoch", "train_loss", "val_loss", "val_accuracy")
-    a, b = load_json(straight / "metrics.json")["epochs"], load_json(d / "metrics.json")["epochs"]
-    assert [{k: e[k] for k in keys} for e in a] == [{k: e[k] for k in keys} for e in b]
-    assert (straight / "adapter/adapter_model.safetensors").read_bytes() == \
-        (d / "adapter/adapter_model.safetensors").read_bytes()
+    assert_same_epochs_and_adapter(straight, d, keys)
 
     assert_user_error(run_script("03_train_model.py", "--resume", "--checkpoint-dir", d), "already finished 3 epochs")
     (d / "loss.png").write_bytes(b"old plot")  # made from the 3-epoch run: outdated once it trains on
     r = run_script("03_train_model.py", "--resume", "--epochs", 4, "--checkpoint-dir", d)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (d / "loss.png").exists()
-    longer = load_json(d / "metrics.json")["epochs"]
+    longer, a = load_json(d / "metrics.json")["epochs"], load_json(straight / "metrics.json")["epochs"]
     assert [{k: e[k] for k in keys} for e in longer[:3]] == [{k: e[k] for k in keys} for e in a]
     assert [e["epoch"] for e in longer] == [1, 2, 3, 4] and load_json(d / "run.json")["finished"] is True
 
