@@ -8,10 +8,11 @@ base weights (their rows concatenated into one matrix; the model's weights becom
 memory is added), the LoRA update added inside the same BLAS call (addmm), and a backward pass written by
 hand that needs no elementwise scaling or summing passes over the outputs.
 
-The dropout masks are drawn exactly as torch's dropout draws them on CPU (`empty_like(x).bernoulli_(1-p)`,
-then divided by 1-p), in the same order as PEFT's layers draw them (q, k, v, then gate, up), so a run
-gives the numbers of the plain PEFT layers up to float rounding (tests/test_training.py compares losses
-and gradients). Only CPU: CUDA's dropout draws its masks with another kernel.
+The dropout masks are drawn exactly as torch's dropout draws them on CPU (`empty_like(x).bernoulli_(1-p)`),
+in the same order as PEFT's layers draw them (q, k, v, then gate, up), so a run gives the numbers of the
+plain PEFT layers up to float rounding (tests/test_training.py compares losses and gradients). Dropout's
+1/(1-p) is folded into the LoRA scaling (a number) instead of a pass over each mask. Only CPU: CUDA's
+dropout draws its masks with another kernel.
 
 The decoder calls q_proj, k_proj, v_proj (and gate_proj, up_proj) one after the other on the same tensor;
 the group computes all of them at the first call and hands out the others when they are asked for with
@@ -124,6 +125,8 @@ def _fused_function():
             sizes, scalings, p = spec
             k = len(sizes)
             a, b = lora[:k], lora[k:]
+            # dropout(x) = x * mask / (1-p) with a 0/1 mask: the 1/(1-p) goes into each layer's scale
+            scales = [s / (1 - p) for s in scalings]
             x2 = x.reshape(-1, x.shape[-1])
             out = x2 @ weight.T
             masks, hs, start = [], [], 0
@@ -132,13 +135,13 @@ def _fused_function():
                 hs = list(h_all.split([ai.shape[0] for ai in a], dim=1))
             for i in range(k):
                 if p:
-                    # torch's CPU dropout: the same kernel, shape and order, so the same mask
-                    mask = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p).reshape(x2.shape)
+                    # torch's CPU dropout mask: the same kernel, shape and order, so the same draws
+                    mask = torch.empty_like(x).bernoulli_(1 - p).reshape(x2.shape)
                     masks.append(mask)
                     hs.append((x2 * mask) @ a[i].T)
-                out[:, start:start + sizes[i]].addmm_(hs[i], b[i].T, alpha=scalings[i])
+                out[:, start:start + sizes[i]].addmm_(hs[i], b[i].T, alpha=scales[i])
                 start += sizes[i]
-            ctx.spec = spec
+            ctx.scales = scales
             ctx.x_shape = x.shape
             ctx.save_for_backward(x2, weight, *a, *b, *hs, *masks)
             outputs, start = [], 0
@@ -149,22 +152,26 @@ def _fused_function():
 
         @staticmethod
         def backward(ctx, *grads):
-            sizes, scalings, p = ctx.spec
-            k = len(sizes)
+            scales = ctx.scales
+            k = len(scales)
             x2, weight, *rest = ctx.saved_tensors
             a, b, hs, masks = rest[:k], rest[k:2 * k], rest[2 * k:3 * k], rest[3 * k:]
             rows = x2.shape[0]
-            g = torch.cat([gi.reshape(rows, size) if gi is not None else x2.new_zeros(rows, size)
-                           for gi, size in zip(grads, sizes)], dim=1)
+            sizes = [bi.shape[0] for bi in b]
+            g = [gi.reshape(rows, size) if gi is not None else x2.new_zeros(rows, size)
+                 for gi, size in zip(grads, sizes)]
             # The first layer's q/k/v read the embeddings, which are frozen: no input gradient there.
-            grad_x = g @ weight if ctx.needs_input_grad[0] else None
-            grad_a, grad_b, grad_h, start = [], [], [], 0
+            # The input gradient sums each layer's product into one tensor (addmm) rather than
+            # concatenating the output gradients for one product: the copy cost more than it saved.
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                for gi, wi in zip(g, weight.split(sizes)):
+                    grad_x = gi @ wi if grad_x is None else grad_x.addmm_(gi, wi)
+            grad_a, grad_b, grad_h = [], [], []
             for i in range(k):
-                gi = g[:, start:start + sizes[i]]
-                start += sizes[i]
-                grad_b.append(torch.mm(gi.T, hs[i]).mul_(scalings[i]))
-                grad_h.append(torch.mm(gi, b[i]).mul_(scalings[i]))
-            if p == 0:
+                grad_b.append(torch.mm(g[i].T, hs[i]).mul_(scales[i]))
+                grad_h.append(torch.mm(g[i], b[i]).mul_(scales[i]))
+            if not masks:
                 gh_all = torch.cat(grad_h, dim=1)
                 grad_a = list(torch.mm(gh_all.T, x2).split([ai.shape[0] for ai in a]))
                 if grad_x is not None:
