@@ -136,7 +136,7 @@ def training_setup(model_path, records, batch_size: int, dropout: float, gradien
     from emojitune.chat import encode, pad_id
     from emojitune.launch import keep_freed_memory
     from emojitune.loss import answer_loss_module
-    from emojitune.modeling import load_model
+    from emojitune.modeling import enable_gradient_checkpointing, load_model
     from emojitune.training import TrainSettings, chained_examples, epoch_batches, make_optimizer, train_step
 
     keep_freed_memory()  # as 03's train() does
@@ -145,8 +145,7 @@ def training_setup(model_path, records, batch_size: int, dropout: float, gradien
     lm = load_model(str(model_path), "cuda" if torch.cuda.is_available() else "cpu",
                     lora=LoraConfig(lora_dropout=dropout, **LORA), training=True)
     if gradient_checkpointing:
-        lm.model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(lm.model)
     accelerator = Accelerator(cpu=lm.device == "cpu")
     examples = chained_examples(lm, records, settings, 1) if multi_turn > 1 else encode(lm, records)
     optimizer = make_optimizer([p for p in lm.model.parameters() if p.requires_grad], settings, lm.device)

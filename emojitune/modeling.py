@@ -182,6 +182,18 @@ def quiet_libraries():
         hf_logging.set_verbosity(level)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass (PyTorch's non-reentrant checkpoint).
+    transformers 5.2x renamed gradient_checkpointing_enable to activation_checkpointing_enable and warns on
+    the old name; older 5.x releases only have the old one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_model(model_id: str, device: str = "auto", *, adapter: Path | None = None, lora=None,
                training: bool = False) -> LoadedModel:
     """Load a base model and tokenizer, optionally with a saved LoRA adapter or a new LoRA (`lora`)."""

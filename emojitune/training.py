@@ -27,7 +27,7 @@ from .console import UserError, log
 from .data import record_name, records_from_json, training_system_prompt
 from .launch import keep_freed_memory
 from .loss import answer_loss_module
-from .modeling import check_model_source, load_model, resolve_device
+from .modeling import check_model_source, enable_gradient_checkpointing, load_model, resolve_device
 from .scoring import score
 
 ENGINES = ("fast", "trl")
@@ -153,8 +153,7 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
     else:
         lm = load_model(settings.model, device, adapter=cp.epoch_dir(done), training=True)
     if settings.gradient_checkpointing:
-        lm.model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(lm.model)
     train_examples = encode_checked(lm, train_records, cp.train, settings.max_length)
     val_examples = encode_checked(lm, val_records, cp.val, settings.max_length)
     # The single-turn val.json stays the measure comparable across runs; with --multi-turn the validation

@@ -389,6 +389,23 @@ def test_gradient_checkpointing_gives_the_same_numbers(tmp_path, tiny_model):
     assert results[0]["val_loss"] == pytest.approx(results[1]["val_loss"], abs=1e-5)
 
 
+def test_gradient_checkpointing_is_switched_on_without_a_deprecation_note(tiny_model):
+    """03 --gradient-checkpointing turns it on in every decoder layer, through the name the installed
+    transformers does not warn about (5.2x renamed gradient_checkpointing_enable)."""
+    import warnings
+
+    from emojitune.modeling import enable_gradient_checkpointing
+
+    lm = tiny_lora(tiny_model, dropout=0.0, training=True)
+    layers = lm.model.get_base_model().model.layers
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enable_gradient_checkpointing(lm.model)
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
+
+
 def test_sharded_engines_are_refused_with_the_way_out():
     """FSDP/DeepSpeed configs would leave the optimizer on unsharded parameters: 03 says so instead."""
     from types import SimpleNamespace
