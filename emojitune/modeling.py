@@ -186,7 +186,9 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in the backward pass (PyTorch's non-reentrant checkpoint).
     transformers 5.2x renamed gradient_checkpointing_enable to activation_checkpointing_enable and warns on
     the old name; older 5.x releases only have the old one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from .loss import causal_lm_of
+
+    base = causal_lm_of(model)
     enable = getattr(base, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
