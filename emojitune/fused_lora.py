@@ -5,8 +5,9 @@ PEFT computes each LoRA layer on its own: base(x) + lora_B(lora_A(dropout(x))) *
 operation with its own autograd node. In a Gemma 3 decoder layer q/k/v read the same input, as do
 gate/up, so here each such group runs as one autograd function: one matrix product for the group's frozen
 base weights (their rows concatenated into one matrix; the model's weights become views of it, so no
-memory is added), the LoRA update added inside the same BLAS call (addmm), and a backward pass written by
-hand that needs no elementwise scaling or summing passes over the outputs.
+memory is added; the product runs through oneDNN, see matmul.py), the LoRA update added onto its output
+in place (addmm_), and a backward pass written by hand that needs no elementwise scaling or summing passes
+over the outputs.
 
 The dropout masks are drawn exactly as torch's dropout draws them on CPU (`empty_like(x).bernoulli_(1-p)`),
 in the same order as PEFT's layers draw them (q, k, v, then gate, up), so a run gives the numbers of the
@@ -20,6 +21,8 @@ that same tensor. Any other call falls back to PEFT's own forward.
 """
 
 import functools
+
+from .matmul import mm_t
 
 
 def install(model) -> int:
@@ -128,7 +131,7 @@ def _fused_function():
             # dropout(x) = x * mask / (1-p) with a 0/1 mask: the 1/(1-p) goes into each layer's scale
             scales = [s / (1 - p) for s in scalings]
             x2 = x.reshape(-1, x.shape[-1])
-            out = x2 @ weight.T
+            out = mm_t(x2, weight)
             masks, hs, start = [], [], 0
             if p == 0:  # one product for all A matrices
                 h_all = x2 @ torch.cat(a).T
@@ -166,7 +169,7 @@ def _fused_function():
             grad_x = None
             if ctx.needs_input_grad[0]:
                 for gi, wi in zip(g, weight.split(sizes)):
-                    grad_x = gi @ wi if grad_x is None else grad_x.addmm_(gi, wi)
+                    grad_x = mm_t(gi, wi.T, grad_x)
             grad_a, grad_b, grad_h = [], [], []
             for i in range(k):
                 grad_b.append(torch.mm(g[i].T, hs[i]).mul_(scales[i]))

@@ -11,6 +11,7 @@ forward + masked cross-entropy (tests/test_model.py checks it against `model(...
 import functools
 
 from . import fused_lora
+from .matmul import mm_t
 from .chat import IGNORE
 
 
@@ -171,18 +172,17 @@ def _cpu_frozen_output_loss_function():
         @staticmethod
         def forward(ctx, h, w, targets, chunk):
             rows = h.shape[0]
-            h_t = h.T.contiguous()
             top = torch.full((1, rows), -float("inf"), dtype=h.dtype)
             total = torch.zeros(1, rows, dtype=h.dtype)
             weighted = torch.zeros(rows, w.shape[1], dtype=h.dtype)
             for start in range(0, w.shape[0], chunk):
                 w_chunk = w[start:start + chunk]
-                z = w_chunk @ h_t  # chunk x rows: the form BLAS streams fastest
+                z = mm_t(w_chunk, h)  # chunk x rows
                 new_top = torch.maximum(top, z.amax(0, keepdim=True))
                 rescale = torch.exp(top - new_top)
                 z.sub_(new_top).exp_()
                 total = total * rescale + z.sum(0, keepdim=True)
-                weighted.mul_(rescale.T).addmm_(z.T, w_chunk)
+                weighted = mm_t(z.T, w_chunk.T, weighted.mul_(rescale.T))
                 top = new_top
             target_rows = w[targets]
             loss = (top + torch.log(total)).squeeze(0) - (h * target_rows).sum(1)

@@ -119,6 +119,35 @@ def test_one_pass_output_loss_matches_log_softmax_with_gradients(rows):
     assert torch.allclose(fast, plain, atol=1e-4) and torch.allclose(fast_grad, plain_grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_cpu_speed_path_products_equal_torch_mm(monkeypatch, use_onednn):
+    """The products of the fused LoRA layers and the one-pass loss (oneDNN on x86-64, torch.mm elsewhere)
+    are x @ w.T (+ add) for every layout they are called with: a weight, a transposed view of one, and rows
+    from 1 (a one-token answer) to a batch's hundreds."""
+    import platform
+
+    import torch
+
+    from emojitune import matmul
+
+    if use_onednn and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("oneDNN's path is taken on x86-64 only")
+    if use_onednn:
+        assert matmul.onednn()  # PyTorch's x86-64 builds ship oneDNN: the fast path is the one tested
+    monkeypatch.setattr(matmul, "onednn", lambda: use_onednn)
+    torch.manual_seed(0)
+    for rows in (1, 3, 55, 300):
+        x = torch.randn(rows, 96)
+        w = torch.randn(40, 96)
+        w_t = torch.randn(96, 40).T  # non-contiguous, as the backward passes read the layers' weights
+        add = torch.randn(rows, 40)
+        expected = x @ w.T
+        assert torch.allclose(matmul.mm_t(x, w), expected, atol=1e-4)
+        assert torch.allclose(matmul.mm_t(x, w_t), x @ w_t.T, atol=1e-4)
+        assert torch.allclose(matmul.mm_t(x, w, add.clone()), expected + add, atol=1e-4)
+        assert torch.allclose(matmul.mm_t(x.T.contiguous().T, w), expected, atol=1e-4)  # transposed input
+
+
 @pytest.mark.parametrize("system", [SYSTEM, None])
 def test_three_turn_conversation_carries_loss_on_every_answer_token_by_token(lm, system):
     """The ids of a 3-turn conversation are those of the chat template for the whole conversation, and the

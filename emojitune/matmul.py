@@ -1,0 +1,43 @@
+"""Matrix products of the CPU speed paths (fused LoRA layers, one-pass loss) through oneDNN.
+
+torch.mm on CPU calls MKL, which on this project's 2-core AMD machine reaches 80-120 GFLOP/s on the ~50-row
+products of a batch-1 step, 125-180 on the ~850-row products of batch 16 and 45-75 on the one-pass loss's
+12-48-row products. oneDNN's matmul, which PyTorch ships and runs through `mkldnn::_linear_pointwise` (the
+operator torch.compile uses for linear layers on CPU), reaches 180-210 on the same products: about the
+machine's large-matrix peak. It reads the weight as it is, a transposed view included, so no copy of any
+weight is made. Same products summed in another order: results agree to float32 rounding. README "Speed"
+has the measurements.
+"""
+
+import functools
+
+
+def mm_t(x, w, add=None):
+    """x @ w.T, plus `add` when given (which may be overwritten with the result). x: rows x k, w: n x k,
+    any strides."""
+    import torch
+
+    if x.dtype == w.dtype == torch.float32 and onednn():
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, None, "add")
+    return x @ w.T if add is None else add.addmm_(x, w.T)
+
+
+@functools.cache
+def onednn() -> bool:
+    """oneDNN's matmul on x86-64, where it was measured faster; elsewhere (ARM: Apple's or Arm's BLAS) and
+    on a PyTorch whose operator is missing or reads these layouts differently, torch.mm."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    try:  # the operator is internal to PyTorch: check it on the layouts used before relying on it
+        x, w, add = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(3, 4).T, torch.ones(2, 4)
+        lp = torch.ops.mkldnn._linear_pointwise
+        return (torch.equal(lp(x, w, None, "none", [], ""), x @ w.T)
+                and torch.equal(lp.binary(x, add, w, None, "add"), x @ w.T + 1))
+    except (AttributeError, RuntimeError):
+        return False
