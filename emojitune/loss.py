@@ -11,7 +11,7 @@ forward + masked cross-entropy (tests/test_model.py checks it against `model(...
 import functools
 
 from . import fused_lora
-from .matmul import mm_t
+from .matmul import mm_t, uses_onednn
 from .chat import IGNORE
 
 
@@ -75,11 +75,12 @@ def is_cpu_frozen_head(head, hidden_rows) -> bool:
 def cpu_frozen_output_layer(h, weight):
     """CPU speed path: h @ weight.T for the few answer rows, with the output layer frozen (LoRA).
 
-    With 2-3 rows, F.linear's BLAS call streams the 262k x 640 matrix once per row; written as
-    weight @ h.T it streams it once. The input gradient is weight.T @ grad.T, which at batch 1 is only
-    fast from a contiguous copy of weight.T; from a dozen rows on (batch 8 and up) BLAS is as fast
-    without the copy, so it is made only for small batches. Same products summed in another order:
-    results agree to float32 rounding. README "Speed" has the measurements.
+    With 2-3 rows (a batch-1 training step), F.linear's BLAS call streams the 262k x 640 matrix once per
+    row; written as weight @ h.T it streams it once. The input gradient is weight.T @ grad.T, which there
+    is only fast from a contiguous copy of weight.T (made once). From 6 rows on (evaluation batches,
+    conversations of several tweets) oneDNN's product (matmul.py) is faster both ways, 1.6-2.4x, and needs
+    no copy; without oneDNN, BLAS is as fast without the copy from a dozen rows on. Same products summed
+    in another order: results agree to float32 rounding. README "Speed" has the measurements.
     """
     return _cpu_frozen_output_function().apply(h, weight)
 
@@ -88,18 +89,23 @@ def cpu_frozen_output_layer(h, weight):
 def _cpu_frozen_output_function():
     import torch
 
-    small_batch_rows = 12  # below this many answer rows the transposed copy pays for itself
+    small_batch_rows = 12  # below this many answer rows the transposed copy pays for itself (BLAS)
+    onednn_rows = 6  # from this many rows oneDNN's product is faster than BLAS's weight @ h.T
     transposed = {}
 
     class CpuFrozenOutputLayer(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, w):
             ctx.save_for_backward(w)
+            if x.shape[0] >= onednn_rows and uses_onednn(x, w):
+                return mm_t(x, w)
             return (w @ x.T).T
 
         @staticmethod
         def backward(ctx, grad):
             (w,) = ctx.saved_tensors
+            if grad.shape[0] >= onednn_rows and uses_onednn(grad, w):
+                return mm_t(grad, w.T), None
             if grad.shape[0] >= small_batch_rows:
                 return (w.T @ grad.T).T, None
             key = (w.data_ptr(), tuple(w.shape), w._version)

@@ -15,13 +15,20 @@ import functools
 def mm_t(x, w, add=None):
     """x @ w.T, plus `add` when given (which may be overwritten with the result). x: rows x k, w: n x k,
     any strides."""
-    import torch
+    if uses_onednn(x, w):
+        import torch
 
-    if x.dtype == w.dtype == torch.float32 and onednn():
         if add is None:
             return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, None, "add")
     return x @ w.T if add is None else add.addmm_(x, w.T)
+
+
+def uses_onednn(x, w) -> bool:
+    """Does mm_t(x, w) run through oneDNN (float32 on x86-64)?"""
+    import torch
+
+    return x.dtype == w.dtype == torch.float32 and onednn()
 
 
 @functools.cache

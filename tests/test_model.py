@@ -80,12 +80,17 @@ def test_example_labels_follow_hugging_face():
     assert ex.labels == [IGNORE, IGNORE, IGNORE, 7, 9]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 20, 64])  # batch 1 to batch 16 answer rows: every gradient path
-def test_cpu_output_layer_matches_plain_linear_with_gradients(rows):
+@pytest.mark.parametrize("use_onednn", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 8, 20, 64])  # batch 1 to batch 16 answer rows: every gradient path
+def test_cpu_output_layer_matches_plain_linear_with_gradients(monkeypatch, rows, use_onednn):
     import torch
     import torch.nn.functional as F
 
+    from emojitune import matmul
     from emojitune.loss import cpu_frozen_output_layer
+
+    available = matmul.onednn()
+    monkeypatch.setattr(matmul, "onednn", lambda: use_onednn and available)
 
     torch.manual_seed(0)
     weight = torch.randn(5000, 64)  # frozen, like the tied embedding under LoRA
