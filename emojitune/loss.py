@@ -11,8 +11,8 @@ forward + masked cross-entropy (tests/test_model.py checks it against `model(...
 import functools
 
 from . import fused_lora
-from .matmul import mm_t, uses_onednn
 from .chat import IGNORE
+from .matmul import mm_t, uses_onednn
 
 
 def answer_token_losses(causal_lm, input_ids, attention_mask, labels, cache=None):

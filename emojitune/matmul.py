@@ -1,4 +1,4 @@
-"""Matrix products of the CPU speed paths (fused LoRA layers, one-pass loss) through oneDNN.
+"""Matrix products of the CPU speed paths (fused LoRA layers, output layer, one-pass loss) through oneDNN.
 
 torch.mm on CPU calls MKL, which on this project's 2-core AMD machine reaches 80-120 GFLOP/s on the ~50-row
 products of a batch-1 step, 125-180 on the ~850-row products of batch 16 and 45-75 on the one-pass loss's
