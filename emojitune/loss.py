@@ -68,8 +68,12 @@ def output_logits(causal_lm, hidden_rows):
 
 
 def is_cpu_frozen_head(head, hidden_rows) -> bool:
-    """Do the CPU speed paths for a frozen output layer apply (no bias, no gradient for its weight)?"""
-    return hidden_rows.device.type == "cpu" and head.bias is None and not head.weight.requires_grad
+    """Do the CPU speed paths for a frozen output layer apply (no bias, no gradient for its weight)? The
+    weight gets none when it is frozen (LoRA) or when autograd is off (evaluation, 06's label scores)."""
+    import torch
+
+    return (hidden_rows.device.type == "cpu" and head.bias is None
+            and not (head.weight.requires_grad and torch.is_grad_enabled()))
 
 
 def cpu_frozen_output_layer(h, weight):

@@ -80,6 +80,23 @@ def test_example_labels_follow_hugging_face():
     assert ex.labels == [IGNORE, IGNORE, IGNORE, 7, 9]
 
 
+def test_output_logits_of_a_trainable_head_keep_its_gradient_and_its_values_without_autograd():
+    """The CPU speed path treats the output layer as frozen: a head that trains (full fine-tuning) must still
+    get its gradient, and with autograd off (evaluation, 06's label scores) the path gives the head's numbers."""
+    import torch
+
+    from emojitune.loss import output_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 5000, bias=False)  # requires_grad, as a model loaded for inference has it
+    lm = type("LM", (), {"get_output_embeddings": lambda self: head, "config": type("C", (), {})()})()
+    rows = torch.randn(20, 64)
+    output_logits(lm, rows).sum().backward()
+    assert head.weight.grad is not None and torch.allclose(head.weight.grad, rows.sum(0).expand(5000, 64), atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(output_logits(lm, rows), head(rows), atol=1e-4)
+
+
 @pytest.mark.parametrize("use_onednn", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 8, 20, 64])  # batch 1 to batch 16 answer rows: every gradient path
 def test_cpu_output_layer_matches_plain_linear_with_gradients(monkeypatch, rows, use_onednn):
