@@ -152,7 +152,7 @@ def test_cpu_speed_path_products_equal_torch_mm(monkeypatch, use_onednn):
 
     from emojitune import matmul
 
-    if use_onednn and platform.machine().lower() not in ("x86_64", "amd64"):
+    if use_onednn and platform.machine().lower() not in matmul.ONEDNN_MACHINES:
         pytest.skip("oneDNN's path is taken on x86-64 only")
     if use_onednn:
         assert matmul.onednn()  # PyTorch's x86-64 builds ship oneDNN: the fast path is the one tested
