@@ -124,3 +124,33 @@ def test_a_cached_hub_model_loads_without_the_network(tmp_path, tiny_model):
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(r.stdout.splitlines()) == 1
     assert "Retry" not in r.stderr and "127.0.0.1" not in r.stderr, r.stderr[-2000:]
+
+
+def _script_ending(tmp_path, body: str):
+    """A script whose main() is `body`, run through run_main as the numbered scripts are."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = (f"import atexit, pathlib, sys, threading, time\nsys.path.insert(0, {str(ROOT)!r})\n"
+            f"from emojitune.console import run_main\nout = pathlib.Path({str(tmp_path)!r})\n"
+            f"def main():\n" + "".join(f"    {line}\n" for line in body.splitlines()) + "run_main(main)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the buffering a user's shell has
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_a_finished_script_flushes_its_output_and_runs_exit_handlers(tmp_path):
+    # stdout into a pipe is block-buffered: the lines are still in the buffer when main() returns.
+    r = _script_ending(tmp_path, "atexit.register(lambda: (out / 'closed').write_text('yes'))\n"
+                                 "print('answer 1'); print('answer 2')\nprint('a report', file=sys.stderr)")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "answer 1\nanswer 2\n", "a report\n")
+    assert (tmp_path / "closed").read_text() == "yes"
+
+
+def test_a_finished_script_waits_for_a_thread_still_running(tmp_path):
+    r = _script_ending(tmp_path, "def late():\n    time.sleep(0.5); (out / 'late').write_text('done'); print('late')\n"
+                                 "threading.Thread(target=late).start()")
+    assert (r.returncode, r.stdout) == (0, "late\n")
+    assert (tmp_path / "late").read_text() == "done"
