@@ -115,10 +115,20 @@ def _cpu_frozen_output_function():
             key = (w.data_ptr(), tuple(w.shape), w._version)
             if key not in transposed:
                 transposed.clear()  # one model at a time: keep a single copy
-                transposed[key] = w.T.contiguous()
+                transposed[key] = transposed_copy(w)
             return (transposed[key] @ grad.T).T, None
 
     return CpuFrozenOutputLayer
+
+
+def transposed_copy(w, block: int = 1024):
+    """w.T as a contiguous matrix, copied a block of w's rows at a time: each block's transpose stays in
+    the cache. For Gemma 3's 262k x 640 output layer 0.32-0.38 s instead of 0.53-0.60 s for
+    w.T.contiguous() (on a 2-core CPU, in the first training step)."""
+    out = w.new_empty(w.shape[1], w.shape[0])
+    for start in range(0, w.shape[0], block):
+        out[:, start:start + block].copy_(w[start:start + block].T)
+    return out
 
 
 def causal_lm_of(model):
