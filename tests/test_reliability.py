@@ -2,11 +2,14 @@
 
 import contextlib
 import http.server
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
-from conftest import (assert_same_epochs_and_adapter, assert_user_error, interrupt_after_first_epoch, one_and_two_processes,
-                      run_script, small_run_dir)
+from conftest import (ROOT, assert_same_epochs_and_adapter, assert_user_error, interrupt_after_first_epoch,
+                      one_and_two_processes, run_script, small_run_dir)
 
 
 def test_ctrl_c_keeps_finished_epochs_and_resume_matches(tmp_path, tiny_model):
@@ -128,12 +131,6 @@ def test_a_cached_hub_model_loads_without_the_network(tmp_path, tiny_model):
 
 def _script_ending(tmp_path, body: str):
     """A script whose main() is `body`, run through run_main as the numbered scripts are."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     code = (f"import atexit, pathlib, sys, threading, time\nsys.path.insert(0, {str(ROOT)!r})\n"
             f"from emojitune.console import run_main\nout = pathlib.Path({str(tmp_path)!r})\n"
             f"def main():\n" + "".join(f"    {line}\n" for line in body.splitlines()) + "run_main(main)\n")
