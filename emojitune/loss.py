@@ -81,10 +81,11 @@ def cpu_frozen_output_layer(h, weight):
 
     With 2-3 rows (a batch-1 training step), F.linear's BLAS call streams the 262k x 640 matrix once per
     row; written as weight @ h.T it streams it once. The input gradient is weight.T @ grad.T, which there
-    is only fast from a contiguous copy of weight.T (made once). From 6 rows on (evaluation batches,
-    conversations of several tweets) oneDNN's product (matmul.py) is faster both ways, 1.6-2.4x, and needs
-    no copy; without oneDNN, BLAS is as fast without the copy from a dozen rows on. Same products summed
-    in another order: results agree to float32 rounding. README "Speed" has the measurements.
+    is only fast from a contiguous copy of weight.T (made once; oneDNN's product reads it fastest, where it
+    runs). From 6 rows on (evaluation batches, conversations of several tweets) oneDNN's product
+    (matmul.py) is faster both ways, 1.6-2.4x, and needs no copy; without oneDNN, BLAS is as fast without
+    the copy from a dozen rows on. Same products summed in another order: results agree to float32
+    rounding. README "Speed" has the measurements.
     """
     return _cpu_frozen_output_function().apply(h, weight)
 
@@ -108,15 +109,15 @@ def _cpu_frozen_output_function():
         @staticmethod
         def backward(ctx, grad):
             (w,) = ctx.saved_tensors
-            if grad.shape[0] >= onednn_rows and uses_onednn(grad, w):
-                return mm_t(grad, w.T), None
-            if grad.shape[0] >= small_batch_rows:
-                return (w.T @ grad.T).T, None
+            onednn = uses_onednn(grad, w)
+            if grad.shape[0] >= (onednn_rows if onednn else small_batch_rows):
+                return (mm_t(grad, w.T) if onednn else (w.T @ grad.T).T), None
             key = (w.data_ptr(), tuple(w.shape), w._version)
             if key not in transposed:
                 transposed.clear()  # one model at a time: keep a single copy
                 transposed[key] = transposed_copy(w)
-            return (transposed[key] @ grad.T).T, None
+            # oneDNN reads the copy as a linear layer's weight: 3 rows 29 ms vs BLAS's 43 (microbenchmark)
+            return (mm_t(grad, transposed[key]) if onednn else (transposed[key] @ grad.T).T), None
 
     return CpuFrozenOutputLayer
 
