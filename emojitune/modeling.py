@@ -241,4 +241,8 @@ def load_model(model_id: str, device: str = "auto", *, adapter: Path | None = No
             model = get_peft_model(model, lora)
     model.to(device)
     model.train(training)
+    if not training and device == "cpu":
+        from .loss import speed_up_cpu_inference_head
+
+        speed_up_cpu_inference_head(model)
     return LoadedModel(model, tokenizer, device, dtype, end_of_turn_token(tokenizer), model_id)

@@ -120,6 +120,36 @@ def test_cpu_output_layer_matches_plain_linear_with_gradients(monkeypatch, rows,
     assert torch.allclose(fast, plain, atol=1e-4) and torch.allclose(fast_grad, plain_grad, atol=1e-3)
 
 
+def test_inference_output_layer_goes_through_onednn_with_linear_numbers(lm, monkeypatch):
+    """A model loaded for inference on CPU (05, 06, 07) runs its output layer's product through oneDNN when
+    autograd is off (generation), with nn.Linear's numbers; with autograd on it is nn.Linear itself; a deep
+    copy of the model (07 rounds one to bfloat16) uses the copy's own weight."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from emojitune import loss, matmul
+
+    calls = []
+    monkeypatch.setattr(loss, "mm_t", lambda *a: calls.append(1) or matmul.mm_t(*a))
+    head = lm.model.get_output_embeddings()
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, head.weight.shape[1])
+    with torch.no_grad():
+        fast = head(x)
+    assert len(calls) == (1 if matmul.onednn() else 0)
+    assert fast.shape == (2, 1, head.weight.shape[0]) and torch.allclose(fast, F.linear(x, head.weight), atol=1e-4)
+    x.requires_grad_(True)
+    trained = head(x)
+    assert len(calls) == (1 if matmul.onednn() else 0) and trained.grad_fn is not None
+    assert torch.equal(trained, F.linear(x, head.weight))
+    copied = copy.deepcopy(head)
+    with torch.no_grad():
+        copied.weight.mul_(2)
+        assert torch.allclose(copied(x), 2 * head(x), atol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [12, 48])
 def test_one_pass_output_loss_matches_log_softmax_with_gradients(rows):
     """Training's one-pass cross-entropy (online softmax over vocabulary chunks, the last one partial)
