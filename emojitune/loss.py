@@ -76,29 +76,6 @@ def is_cpu_frozen_head(head, hidden_rows) -> bool:
             and not (head.weight.requires_grad and torch.is_grad_enabled()))
 
 
-def speed_up_cpu_inference_head(model) -> None:
-    """With autograd off on CPU (05 and 06 answering, 07's checks), the model's own output layer runs its
-    product through oneDNN (matmul.py). Generation projects one position per new token through the 262k x
-    640 matrix, where nn.Linear's BLAS call (MKL) reads it at ~11 GB/s and oneDNN at ~25: one answer in 06
-    (prompt + 3 new tokens) 0.372 -> 0.288 s on the benchmark's model, the same answers. With autograd on
-    (training) or elsewhere than CPU float32 on x86-64, the layer's own forward runs as before."""
-    import types
-
-    head = causal_lm_of(model).get_output_embeddings()
-    # A method bound to the layer, not a closure over it: a deep copy of the model (07 rounds one to
-    # bfloat16) then gets a forward that reads the copy's weight.
-    head.forward = types.MethodType(_inference_head_forward, head)
-
-
-def _inference_head_forward(head, x):
-    import torch
-
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or head.bias is not None
-            or not uses_onednn(x, head.weight)):
-        return type(head).forward(head, x)
-    return mm_t(x.reshape(-1, x.shape[-1]), head.weight).view(*x.shape[:-1], head.weight.shape[0])
-
-
 def cpu_frozen_output_layer(h, weight):
     """CPU speed path: h @ weight.T for the few answer rows, with the output layer frozen (LoRA).
 

@@ -242,7 +242,7 @@ def load_model(model_id: str, device: str = "auto", *, adapter: Path | None = No
     model.to(device)
     model.train(training)
     if not training and device == "cpu":
-        from .loss import speed_up_cpu_inference_head
+        from .matmul import speed_up_cpu_inference
 
-        speed_up_cpu_inference_head(model)
+        speed_up_cpu_inference(model)
     return LoadedModel(model, tokenizer, device, dtype, end_of_turn_token(tokenizer), model_id)

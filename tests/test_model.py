@@ -120,34 +120,36 @@ def test_cpu_output_layer_matches_plain_linear_with_gradients(monkeypatch, rows,
     assert torch.allclose(fast, plain, atol=1e-4) and torch.allclose(fast_grad, plain_grad, atol=1e-3)
 
 
-def test_inference_output_layer_goes_through_onednn_with_linear_numbers(lm, monkeypatch):
-    """A model loaded for inference on CPU (05, 06, 07) runs its output layer's product through oneDNN when
+@pytest.mark.parametrize("layer", ["output", "decoder"])
+def test_inference_linear_layers_go_through_onednn_with_linear_numbers(lm, monkeypatch, layer):
+    """A model loaded for inference on CPU (05, 06, 07) runs its linear layers' products through oneDNN when
     autograd is off (generation), with nn.Linear's numbers; with autograd on it is nn.Linear itself; a deep
-    copy of the model (07 rounds one to bfloat16) uses the copy's own weight."""
+    copy of a layer (07 rounds a copy of the model to bfloat16) uses the copy's own weight."""
     import copy
 
     import torch
     import torch.nn.functional as F
 
-    from emojitune import loss, matmul
+    from emojitune import matmul
 
-    calls = []
-    monkeypatch.setattr(loss, "mm_t", lambda *a: calls.append(1) or matmul.mm_t(*a))
-    head = lm.model.get_output_embeddings()
+    calls, mm_t = [], matmul.mm_t
+    monkeypatch.setattr(matmul, "mm_t", lambda *a: calls.append(1) or mm_t(*a))
+    linear = lm.model.get_output_embeddings() if layer == "output" else lm.model.model.layers[0].mlp.down_proj
+    expected_calls = 1 if matmul.onednn() else 0
     torch.manual_seed(0)
-    x = torch.randn(2, 1, head.weight.shape[1])
+    x = torch.randn(2, 1, linear.weight.shape[1])
     with torch.no_grad():
-        fast = head(x)
-    assert len(calls) == (1 if matmul.onednn() else 0)
-    assert fast.shape == (2, 1, head.weight.shape[0]) and torch.allclose(fast, F.linear(x, head.weight), atol=1e-4)
+        fast = linear(x)
+    assert len(calls) == expected_calls
+    assert fast.shape == (2, 1, linear.weight.shape[0]) and torch.allclose(fast, F.linear(x, linear.weight), atol=1e-4)
     x.requires_grad_(True)
-    trained = head(x)
-    assert len(calls) == (1 if matmul.onednn() else 0) and trained.grad_fn is not None
-    assert torch.equal(trained, F.linear(x, head.weight))
-    copied = copy.deepcopy(head)
+    trained = linear(x)
+    assert len(calls) == expected_calls and trained.grad_fn is not None
+    assert torch.equal(trained, F.linear(x, linear.weight))
+    copied = copy.deepcopy(linear)
     with torch.no_grad():
         copied.weight.mul_(2)
-        assert torch.allclose(copied(x), 2 * head(x), atol=1e-4)
+        assert torch.allclose(copied(x), 2 * linear(x), atol=1e-4)
 
 
 @pytest.mark.parametrize("rows", [12, 48])
