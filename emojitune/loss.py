@@ -27,11 +27,19 @@ def answer_token_losses(causal_lm, input_ids, attention_mask, labels, cache=None
 
 
 def answer_rows(causal_lm, input_ids, attention_mask, labels, cache=None):
-    """The decoder's hidden states that predict an answer token, those tokens, and where they sit."""
-    hidden = run_decoder(causal_lm, input_ids, attention_mask, cache)
+    """The decoder's hidden states that predict an answer token, those tokens, and where they sit.
+
+    The last position predicts no label, and no other position reads it (attention is causal), so where
+    nothing is drawn at random (eval mode: evaluation passes, 05/06's scores) the decoder runs without it:
+    one position less of work, the same numbers. In training dropout draws its masks for the shape it is
+    given, so a shorter input would shift the random stream: there it keeps the whole batch."""
     targets = labels[:, 1:]  # position t is scored against the label of t + 1
     keep = targets != IGNORE
-    return hidden[:, :-1][keep], targets[keep], keep
+    if not causal_lm.training and input_ids.shape[1] > 1:
+        hidden = run_decoder(causal_lm, input_ids[:, :-1], attention_mask[:, :-1], cache)
+    else:
+        hidden = run_decoder(causal_lm, input_ids, attention_mask, cache)[:, :-1]
+    return hidden[keep], targets[keep], keep
 
 
 def run_decoder(causal_lm, input_ids, attention_mask, cache=None):

@@ -74,6 +74,29 @@ def test_fast_loss_equals_the_models_own_loss(lm):
     assert rows.tolist() == keep.nonzero()[:, 0].tolist()
 
 
+def test_scoring_leaves_out_the_last_position_and_training_keeps_it(lm):
+    """The last position predicts no label and no other position reads it: in eval mode (evaluation
+    passes, 05/06's scores) the decoder runs without it, with the numbers of the whole batch; in training
+    mode it runs the whole batch, since dropout draws its masks for the shape it is given."""
+    import torch
+
+    records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
+    ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
+    seen = []
+    hook = lm.model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            scored, correct, rows = answer_token_losses(lm.model, ids, mask, labels)
+            lm.model.train()  # the tiny model has no dropout: the same numbers, the whole batch
+            whole, whole_correct, whole_rows = answer_token_losses(lm.model, ids, mask, labels)
+    finally:
+        lm.model.eval()
+        hook.remove()
+    assert seen == [ids.shape[1] - 1, ids.shape[1]]
+    assert torch.allclose(scored, whole, atol=1e-5)
+    assert torch.equal(correct, whole_correct) and torch.equal(rows, whole_rows)
+
+
 def test_example_labels_follow_hugging_face():
     ex = Example.of([1, 2, 3], [7, 9])
     assert ex.input_ids == [1, 2, 3, 7, 9]
