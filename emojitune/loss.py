@@ -26,16 +26,19 @@ def answer_token_losses(causal_lm, input_ids, attention_mask, labels, cache=None
     return F.cross_entropy(logits, wanted, reduction="none"), logits.argmax(-1) == wanted, rows
 
 
-def answer_rows(causal_lm, input_ids, attention_mask, labels, cache=None):
+def answer_rows(causal_lm, input_ids, attention_mask, labels, cache=None, draws_masks=None):
     """The decoder's hidden states that predict an answer token, those tokens, and where they sit.
 
     The last position predicts no label, and no other position reads it (attention is causal), so where
-    nothing is drawn at random (eval mode: evaluation passes, 05/06's scores) the decoder runs without it:
-    one position less of work, the same numbers. In training dropout draws its masks for the shape it is
-    given, so a shorter input would shift the random stream: there it keeps the whole batch."""
+    nothing is drawn at random the decoder runs without it: one position less of work, the same numbers.
+    Dropout draws its masks for the shape it is given, so a shorter input would shift the random stream:
+    with masks it keeps the whole batch. `draws_masks`: whether this forward draws dropout masks (default:
+    in training mode; evaluation passes and 05/06's scores run in eval mode, which draws none)."""
     targets = labels[:, 1:]  # position t is scored against the label of t + 1
     keep = targets != IGNORE
-    if not causal_lm.training and input_ids.shape[1] > 1:
+    if draws_masks is None:
+        draws_masks = causal_lm.training
+    if not draws_masks and input_ids.shape[1] > 1:
         hidden = run_decoder(causal_lm, input_ids[:, :-1], attention_mask[:, :-1], cache)
     else:
         hidden = run_decoder(causal_lm, input_ids, attention_mask, cache)[:, :-1]
@@ -157,19 +160,26 @@ def answer_loss_module(model):
         def __init__(self, model):
             super().__init__()
             self.model = model
+            # The modules that draw masks in training (with --lora-dropout 0 there are none: PEFT then
+            # puts an identity in their place), found once: walking the model takes milliseconds.
+            self.dropouts = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
 
         def forward(self, input_ids, attention_mask, labels):
-            return summed_answer_loss(causal_lm_of(self.model), input_ids, attention_mask, labels)
+            causal_lm = causal_lm_of(self.model)
+            in_attention = getattr(causal_lm.config, "attention_dropout", 0.0) or 0.0  # eager attention's own
+            draws_masks = causal_lm.training and (in_attention > 0 or any(m.training and m.p > 0
+                                                                         for m in self.dropouts))
+            return summed_answer_loss(causal_lm, input_ids, attention_mask, labels, draws_masks)
 
     return AnswerLoss(model)
 
 
-def summed_answer_loss(causal_lm, input_ids, attention_mask, labels):
+def summed_answer_loss(causal_lm, input_ids, attention_mask, labels, draws_masks=None):
     """The training loss: answer_token_losses summed, without the argmax it also computes. On CPU with a
     frozen output layer and a dozen answer rows or more (batch 4 and up), the cross-entropy and its
     gradient come from one pass over the output layer (cpu_frozen_output_loss) instead of logits,
     log-softmax and a second pass for the backward."""
-    rows, wanted, _ = answer_rows(causal_lm, input_ids, attention_mask, labels)
+    rows, wanted, _ = answer_rows(causal_lm, input_ids, attention_mask, labels, draws_masks=draws_masks)
     head = causal_lm.get_output_embeddings()
     if (rows.shape[0] >= ONE_PASS_MIN_ROWS and is_cpu_frozen_head(head, rows) and rows.dtype == head.weight.dtype
             and not getattr(causal_lm.config, "final_logit_softcapping", None)):

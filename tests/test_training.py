@@ -221,6 +221,28 @@ def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tin
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_training_leaves_out_the_last_position_only_without_dropout(tiny_model, dropout):
+    """The last position predicts no label: the training loss runs the decoder without it when no dropout
+    mask is drawn (--lora-dropout 0; the gradient test above checks those numbers against the plain loss),
+    and on the whole batch with dropout, whose masks are drawn for the shape they are given."""
+    import torch
+
+    from emojitune.chat import collate, encode, pad_id
+    from emojitune.data import Record
+    from emojitune.loss import answer_loss_module, causal_lm_of
+
+    lm = tiny_lora(tiny_model, dropout=dropout, training=True)
+    records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️")]
+    ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
+    seen = []
+    causal_lm_of(lm.model).get_input_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[1]))
+    loss = answer_loss_module(lm.model)(ids, mask, labels)
+    loss.backward()
+    assert seen == [ids.shape[1] - (dropout == 0)]
+
+
 def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_model):
     """fused_lora's CPU path draws the dropout masks PEFT's layers draw (same seed, same order) and gives
     their loss and gradients to float rounding; the random state after a step is the same too."""
