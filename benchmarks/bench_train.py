@@ -414,9 +414,12 @@ def main():
     from emojitune.data import load_records
     from emojitune.split import stratified_split
 
+    from emojitune import dropout_masks
+
     print(f"machine: {os.cpu_count()} CPU threads visible, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads"
-          + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"), flush=True)
+          + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
+          + (", CPU dropout masks: " + ("our C kernel" if dropout_masks.uses_kernel() else "torch's")), flush=True)
     model_path = build_model(args.model_dir)
     records = load_records(ROOT / "training_data_emotion_jp.json")
     train, val = stratified_split(records, 0.2, 42)

@@ -9,11 +9,12 @@ memory is added; the product runs through oneDNN, see matmul.py), the LoRA updat
 in place (addmm_), and a backward pass written by hand that needs no elementwise scaling or summing passes
 over the outputs.
 
-The dropout masks are drawn exactly as torch's dropout draws them on CPU (`empty_like(x).bernoulli_(1-p)`),
-in the same order as PEFT's layers draw them (q, k, v, then gate, up), so a run gives the numbers of the
-plain PEFT layers up to float rounding (tests/test_training.py compares losses and gradients). Dropout's
-1/(1-p) is folded into the LoRA scaling (a number) instead of a pass over each mask. Only CPU: CUDA's
-dropout draws its masks with another kernel.
+The dropout masks are the masks torch's dropout draws on CPU (`empty_like(x).bernoulli_(1-p)`; drawn by
+dropout_masks.py, faster), in the same order as PEFT's layers draw them (q, k, v, then gate, up), so a run
+gives the numbers of the plain PEFT layers up to float rounding (tests/test_training.py compares losses
+and gradients). Dropout's 1/(1-p) is folded into the LoRA scaling (a number) instead of a pass over each
+mask, and the masked input is kept for the backward pass instead of being formed again there. Only CPU:
+CUDA's dropout draws its masks with another kernel.
 
 The decoder calls q_proj, k_proj, v_proj (and gate_proj, up_proj) one after the other on the same tensor;
 the group computes all of them at the first call and hands out the others when they are asked for with
@@ -22,6 +23,7 @@ that same tensor. Any other call falls back to PEFT's own forward.
 
 import functools
 
+from . import dropout_masks
 from .matmul import mm_t
 
 
@@ -132,21 +134,22 @@ def _fused_function():
             scales = [s / (1 - p) for s in scalings]
             x2 = x.reshape(-1, x.shape[-1])
             out = mm_t(x2, weight)
-            masks, hs, start = [], [], 0
+            masks, masked, hs, start = [], [], [], 0
             if p == 0:  # one product for all A matrices
                 h_all = x2 @ torch.cat(a).T
                 hs = list(h_all.split([ai.shape[0] for ai in a], dim=1))
             for i in range(k):
                 if p:
-                    # torch's CPU dropout mask: the same kernel, shape and order, so the same draws
-                    mask = torch.empty_like(x).bernoulli_(1 - p).reshape(x2.shape)
-                    masks.append(mask)
-                    hs.append((x2 * mask) @ a[i].T)
+                    # torch's CPU dropout mask for x's shape, in PEFT's order: the same draws
+                    xm, mask = dropout_masks.masked_input(x, 1 - p)
+                    masks.append(mask.reshape(x2.shape))
+                    masked.append(xm.reshape(x2.shape))
+                    hs.append(masked[i] @ a[i].T)
                 out[:, start:start + sizes[i]].addmm_(hs[i], b[i].T, alpha=scales[i])
                 start += sizes[i]
             ctx.scales = scales
             ctx.x_shape = x.shape
-            ctx.save_for_backward(x2, weight, *a, *b, *hs, *masks)
+            ctx.save_for_backward(x2, weight, *a, *b, *hs, *masks, *masked)
             outputs, start = [], 0
             for size in sizes:
                 outputs.append(out[:, start:start + size].view(*x.shape[:-1], size))
@@ -158,7 +161,8 @@ def _fused_function():
             scales = ctx.scales
             k = len(scales)
             x2, weight, *rest = ctx.saved_tensors
-            a, b, hs, masks = rest[:k], rest[k:2 * k], rest[2 * k:3 * k], rest[3 * k:]
+            a, b, hs = rest[:k], rest[k:2 * k], rest[2 * k:3 * k]
+            masks, masked = rest[3 * k:4 * k], rest[4 * k:]
             rows = x2.shape[0]
             sizes = [bi.shape[0] for bi in b]
             g = [gi.reshape(rows, size) if gi is not None else x2.new_zeros(rows, size)
@@ -181,7 +185,7 @@ def _fused_function():
                     grad_x.addmm_(gh_all, torch.cat(a))
             else:
                 for i in range(k):
-                    grad_a.append(torch.mm(grad_h[i].T, x2 * masks[i]))
+                    grad_a.append(torch.mm(grad_h[i].T, masked[i]))
                     if grad_x is not None:
                         grad_x.addcmul_(grad_h[i] @ a[i], masks[i])
             return (None if grad_x is None else grad_x.view(ctx.x_shape), None, None, *grad_a, *grad_b)

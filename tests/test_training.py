@@ -243,15 +243,71 @@ def test_training_leaves_out_the_last_position_only_without_dropout(tiny_model, 
     assert seen == [ids.shape[1] - (dropout == 0)]
 
 
-def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_model):
-    """fused_lora's CPU path draws the dropout masks PEFT's layers draw (same seed, same order) and gives
-    their loss and gradients to float rounding; the random state after a step is the same too."""
+def kernel_expected() -> bool:
+    """Whether dropout_masks' C kernel should be in use here: a C compiler on the PATH, and a CPU on which
+    torch draws its masks with its own serial kernel (on Intel CPUs it uses MKL, which the kernel leaves
+    alone)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    intel = cpuinfo.exists() and "GenuineIntel" in cpuinfo.read_text()
+    compiler = shutil.which(os.environ["CC"]) if os.environ.get("CC") else \
+        any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+    return bool(compiler) and not intel
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def mask_drawer(request, monkeypatch):
+    """dropout_masks with its C kernel (where it builds here) and with torch's own draws (as without a C
+    compiler: CC names none)."""
+    from emojitune import dropout_masks
+
+    dropout_masks._kernel.cache_clear()
+    if request.param == "torch":
+        monkeypatch.setenv("CC", "no-such-compiler")
+    yield request.param
+    dropout_masks._kernel.cache_clear()  # the next user compiles it again with the real environment
+
+
+@pytest.mark.parametrize("keep", [0.95, 0.7, 0.5])
+def test_dropout_masks_are_the_masks_torch_draws(mask_drawer, keep):
+    """The masks of dropout_masks.masked_input are `empty_like(x).bernoulli_(keep)`'s from the same
+    state, for shapes that end inside and across the generator's 624-word refills and from any position
+    in its stream; x * mask comes with them, and the generator is left where torch's draw leaves it."""
     import torch
 
-    from emojitune import fused_lora
+    from emojitune import dropout_masks
+
+    assert dropout_masks.uses_kernel() == (mask_drawer == "kernel" and kernel_expected())
+    torch.manual_seed(3)
+    for shape in [(1, 1), (1, 5, 64), (2, 311, 3), (880, 40)]:
+        for drawn_before in [0, 1, 5, 623]:
+            torch.rand(drawn_before)  # one 32-bit word each: the masks start at odd and even positions
+            x = torch.randn(shape)
+            state = torch.get_rng_state()
+            torch_mask = torch.empty_like(x).bernoulli_(keep)
+            after = torch.get_rng_state()
+            torch.set_rng_state(state)
+            xm, mask = dropout_masks.masked_input(x, keep)
+            assert torch.equal(mask.to(x.dtype), torch_mask), (shape, drawn_before)
+            assert torch.equal(xm, x * torch_mask)
+            assert torch.equal(torch.get_rng_state(), after)
+    assert 0 < float(torch_mask.mean()) < 1
+
+
+def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_model, mask_drawer):
+    """fused_lora's CPU path draws the dropout masks PEFT's layers draw (same seed, same order) and gives
+    their loss and gradients to float rounding; the random state after a step is the same too. With the
+    C kernel's masks and with torch's."""
+    import torch
+
+    from emojitune import dropout_masks, fused_lora
     from emojitune.chat import collate, encode, pad_id
     from emojitune.data import Record
 
+    assert dropout_masks.uses_kernel() == (mask_drawer == "kernel" and kernel_expected())
     records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
     results = []
     for fused in (False, True):
