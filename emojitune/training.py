@@ -408,7 +408,11 @@ def train_step(accelerator, loss_module, optimizer, examples, batch: list[int], 
     # mean over all answer tokens of the global batch, as in a single process.
     accelerator.backward(summed * (weight * world / tokens))
     if max_grad_norm:
-        accelerator.clip_grad_norm_(loss_module.parameters(), max_grad_norm)
+        # The optimizer holds the trainable parameters in the model's order (train() builds it from that
+        # list): listing them takes microseconds, where loss_module.parameters() walks the model's ~1,600
+        # modules (4 ms a step). Frozen parameters have no gradient, so the norm is the same.
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        accelerator.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return summed.detach() * weight, (sum(answer_tokens[i] for i in mine) if weight else 0)

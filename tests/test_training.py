@@ -328,6 +328,34 @@ def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_mo
     assert torch.equal(fused_rng, plain_rng)  # as many random numbers drawn: the next masks match too
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.01])
+def test_a_training_step_clips_the_gradient_of_every_trainable_tensor(tiny_model, max_grad_norm):
+    """--max-grad-norm: the optimizer steps with the LoRA gradients scaled to that total norm (0: as they
+    are), every trainable tensor included."""
+    import torch
+    from accelerate import Accelerator
+
+    from emojitune.chat import encode, pad_id
+    from emojitune.data import Record
+    from emojitune.loss import answer_loss_module
+    from emojitune.training import TrainSettings, make_optimizer, train_step
+
+    lm = tiny_lora(tiny_model, dropout=0.0, training=True)
+    examples = encode(lm, [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️")])
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, TrainSettings(), "cpu")
+    seen = []
+    optimizer.register_step_pre_hook(lambda *_: seen.append(
+        (sum(p.grad is not None for p in params), float(torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in params]))))))
+    accelerator = Accelerator(cpu=True)
+    train_step(accelerator, accelerator.prepare(answer_loss_module(lm.model)), optimizer, examples, [0, 1],
+               [e.answer_tokens for e in examples], pad_id(lm.tokenizer), max_grad_norm)
+    (with_grad, norm), = seen
+    assert with_grad == len(params) == 2 * 7 * 2  # layers x LoRA layers x (A, B)
+    assert norm == pytest.approx(0.01, rel=1e-3) if max_grad_norm else norm > 0.1
+
+
 def test_fused_lora_steps_aside_when_the_adapter_is_off(tiny_model):
     """05 --compare answers as the base model through PEFT's disable_adapter(): the fused layers then
     give the base model's outputs, as PEFT's do."""
