@@ -411,10 +411,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from emojitune import dropout_masks
     from emojitune.data import load_records
     from emojitune.split import stratified_split
-
-    from emojitune import dropout_masks
 
     print(f"machine: {os.cpu_count()} CPU threads visible, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads"
