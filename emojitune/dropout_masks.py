@@ -67,6 +67,8 @@ def _kernel():
 
     import torch
 
+    if torch.get_rng_state().numel() != STATE_BYTES:
+        return None
     lib = _compile()
     if lib is None:
         return None
@@ -76,8 +78,6 @@ def _kernel():
     # 2,100 elements: 4,200 words, so the state is refilled several times during the test draw.
     x = torch.linspace(-1.0, 1.0, 2100).reshape(3, 700)
     before = torch.get_rng_state()
-    if before.numel() != STATE_BYTES:
-        return None
     try:
         torch_mask = torch.empty_like(x).bernoulli_(0.9)
         after_torch = torch.get_rng_state()
@@ -90,20 +90,27 @@ def _kernel():
     return function if same else None
 
 
+def compilers() -> list[list[str]]:
+    """The C compilers tried, in order, each as a command: $CC where it is set (it may carry flags of its own,
+    "gcc -m64", as in make), else cc, gcc and clang."""
+    import os
+    import shlex
+
+    if os.environ.get("CC", "").strip():
+        return [shlex.split(os.environ["CC"])]
+    return [["cc"], ["gcc"], ["clang"]]
+
+
 def _compile():
     """The kernel built with the machine's C compiler and loaded, or None."""
     import ctypes
-    import os
-    import shlex
     import shutil
     import subprocess
     import tempfile
 
-    # $CC may carry flags of its own ("gcc -m64"), as in make
-    compilers = [shlex.split(os.environ["CC"])] if os.environ.get("CC", "").strip() else [["cc"], ["gcc"], ["clang"]]
     with tempfile.TemporaryDirectory(prefix="emojitune-", ignore_cleanup_errors=True) as folder:
         library = Path(folder) / "dropout_mask.so"
-        for name, *own_flags in compilers:
+        for name, *own_flags in compilers():
             compiler = shutil.which(name)
             if compiler is None:
                 continue

@@ -247,16 +247,14 @@ def kernel_expected() -> bool:
     """Whether dropout_masks' C kernel should be in use here: a C compiler on the PATH, and a CPU on which
     torch draws its masks with its own serial kernel (on Intel CPUs it uses MKL, which the kernel leaves
     alone)."""
-    import os
-    import shlex
     import shutil
     from pathlib import Path
 
+    from emojitune import dropout_masks
+
     cpuinfo = Path("/proc/cpuinfo")
     intel = cpuinfo.exists() and "GenuineIntel" in cpuinfo.read_text()
-    compiler = shutil.which(shlex.split(os.environ["CC"])[0]) if os.environ.get("CC", "").strip() else \
-        any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-    return bool(compiler) and not intel
+    return any(shutil.which(command[0]) for command in dropout_masks.compilers()) and not intel
 
 
 @pytest.fixture(params=["kernel", "torch"])
