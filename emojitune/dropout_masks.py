@@ -1,8 +1,8 @@
 """Dropout masks for the fused LoRA layers (fused_lora.py): the masks torch's CPU dropout would draw, drawn by
 a small C kernel of ours (dropout_mask.c) about 5x faster.
 
-torch's dropout on CPU fills a mask with `bernoulli_(1 - p)`, on CPUs other than Intel's one element at a
-time from its Mersenne Twister: ~5.1 ns per element here, plus a pass for x * mask. LoRA dropout draws a
+torch's dropout on CPU fills a mask with `bernoulli_(1 - p)`, one element at a time from its Mersenne
+Twister: ~5.1 ns per element here, plus a pass for x * mask. LoRA dropout draws a
 mask for each LoRA layer's input (7 per decoder layer), so at --batch-size 16 the masks were 0.04-0.05 s of
 the ~0.21 s a sample took. The kernel reads torch's generator state (torch.get_rng_state), draws the same
 numbers, writes x * mask in the same pass, and hands the advanced state back (torch.set_rng_state): the run
@@ -10,9 +10,10 @@ is the run torch's own draws would give, bit for bit, and the next random number
 
 It is compiled when first needed, with the machine's C compiler ($CC, else cc, gcc or clang; 0.13 s here, into a
 temporary folder that is removed), and used only after a test draw has given torch's mask and left torch's
-generator in the same state as torch's own draw. Where there is no compiler, or the check fails (Intel CPUs,
-where torch draws these masks through MKL instead; a PyTorch whose generator state is laid out otherwise),
-torch draws the masks as before: the same numbers, at the old speed.
+generator in the same state as torch's own draw. Where there is no compiler, or the check fails (a PyTorch
+that draws these masks another way, as builds that use MKL's generator on Intel CPUs do; one whose generator
+state is laid out otherwise), torch draws the masks as before: the same numbers, at the old speed. (The
+PyTorch 2.15 wheel on an Intel Xeon draws them one by one, and the kernel runs there.)
 """
 
 import functools
