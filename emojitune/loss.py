@@ -12,7 +12,7 @@ import functools
 
 from . import fused_lora
 from .chat import IGNORE
-from .matmul import mm_t, uses_onednn
+from .matmul import intel_cpu, mm_t, uses_onednn
 
 
 def answer_token_losses(causal_lm, input_ids, attention_mask, labels, cache=None):
@@ -95,8 +95,11 @@ def cpu_frozen_output_layer(h, weight):
     is only fast from a contiguous copy of weight.T (made once; oneDNN's product reads it fastest, where it
     runs). From 6 rows on (evaluation batches, conversations of several tweets) oneDNN's product
     (matmul.py) is faster both ways, 1.6-2.4x, and needs no copy; without oneDNN, BLAS is as fast without
-    the copy from a dozen rows on. Same products summed in another order: results agree to float32
-    rounding. README "Speed" has the measurements.
+    the copy from a dozen rows on. Those are the AMD EPYCs' figures. On an Intel Xeon (AVX-512) MKL's
+    weight @ h.T is the slow one: 75 ms for 3 rows where oneDNN's product takes 34 ms, and oneDNN still
+    reads the copy faster than the weight up to 48 rows (12 rows: 41 vs 82 ms), so there oneDNN computes the
+    forward from one row on and the copy serves the backward below a dozen rows. Same products summed in
+    another order: results agree to float32 rounding. README "Speed" has the measurements.
     """
     return _cpu_frozen_output_function().apply(h, weight)
 
@@ -106,14 +109,16 @@ def _cpu_frozen_output_function():
     import torch
 
     small_batch_rows = 12  # below this many answer rows the transposed copy pays for itself (BLAS)
-    onednn_rows = 6  # from this many rows oneDNN's product is faster than BLAS's weight @ h.T
+    # From this many rows oneDNN's product is faster than BLAS's weight @ h.T (forward) and than the copy's
+    # (backward); on Intel CPUs from one row (forward) and a dozen (backward), as the docstring above says.
+    onednn_forward_rows, onednn_backward_rows = (1, small_batch_rows) if intel_cpu() else (6, 6)
     transposed = {}
 
     class CpuFrozenOutputLayer(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, w):
             ctx.save_for_backward(w)
-            if x.shape[0] >= onednn_rows and uses_onednn(x, w):
+            if x.shape[0] >= onednn_forward_rows and uses_onednn(x, w):
                 return mm_t(x, w)
             return (w @ x.T).T
 
@@ -121,7 +126,7 @@ def _cpu_frozen_output_function():
         def backward(ctx, grad):
             (w,) = ctx.saved_tensors
             onednn = uses_onednn(grad, w)
-            if grad.shape[0] >= (onednn_rows if onednn else small_batch_rows):
+            if grad.shape[0] >= (onednn_backward_rows if onednn else small_batch_rows):
                 return (mm_t(grad, w.T) if onednn else (w.T @ grad.T).T), None
             key = (w.data_ptr(), tuple(w.shape), w._version)
             if key not in transposed:

@@ -80,3 +80,16 @@ def onednn() -> bool:
                 and torch.equal(lp.binary(x, add, w, None, "add"), x @ w.T + 1))
     except (AttributeError, RuntimeError):
         return False
+
+
+@functools.cache
+def intel_cpu() -> bool:
+    """An Intel CPU (vendor GenuineIntel: /proc/cpuinfo on Linux, the processor string on Windows), where
+    some products are chosen otherwise than on AMD's (loss.py: the output layer's few-row products)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((("GenuineIntel" in line) for line in f if line.startswith("vendor_id")), False)
+    except OSError:
+        return "GenuineIntel" in platform.processor()

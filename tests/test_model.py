@@ -120,17 +120,21 @@ def test_output_logits_of_a_trainable_head_keep_its_gradient_and_its_values_with
         assert torch.allclose(output_logits(lm, rows), head(rows), atol=1e-4)
 
 
+@pytest.mark.parametrize("intel", [True, False])  # the row thresholds chosen for Intel CPUs and for others
 @pytest.mark.parametrize("use_onednn", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 8, 20, 64])  # batch 1 to batch 16 answer rows: every gradient path
-def test_cpu_output_layer_matches_plain_linear_with_gradients(monkeypatch, rows, use_onednn):
+def test_cpu_output_layer_matches_plain_linear_with_gradients(monkeypatch, request, rows, use_onednn, intel):
     import torch
     import torch.nn.functional as F
 
-    from emojitune import matmul
+    from emojitune import loss, matmul
     from emojitune.loss import cpu_frozen_output_layer
 
     available = matmul.onednn()
     monkeypatch.setattr(matmul, "onednn", lambda: use_onednn and available)
+    monkeypatch.setattr(loss, "intel_cpu", lambda: intel)
+    loss._cpu_frozen_output_function.cache_clear()  # built again with this machine's thresholds after the test
+    request.addfinalizer(loss._cpu_frozen_output_function.cache_clear)
 
     torch.manual_seed(0)
     weight = torch.randn(5000, 64)  # frozen, like the tied embedding under LoRA
