@@ -161,6 +161,7 @@ def test_inference_linear_layers_go_through_onednn_with_linear_numbers(lm, monke
 
     calls, mm_t = [], matmul.mm_t
     monkeypatch.setattr(matmul, "mm_t", lambda *a: calls.append(1) or mm_t(*a))
+    monkeypatch.setattr(matmul, "intel_cpu", lambda: False)  # on Intel only huge weights would take oneDNN
     linear = lm.model.get_output_embeddings() if layer == "output" else lm.model.model.layers[0].mlp.down_proj
     expected_calls = 1 if matmul.onednn() else 0
     torch.manual_seed(0)
@@ -216,6 +217,7 @@ def test_cpu_speed_path_products_equal_torch_mm(monkeypatch, use_onednn):
     if use_onednn:
         assert matmul.onednn()  # PyTorch's x86-64 builds ship oneDNN: the fast path is the one tested
     monkeypatch.setattr(matmul, "onednn", lambda: use_onednn)
+    monkeypatch.setattr(matmul, "intel_cpu", lambda: False)  # on Intel only huge weights would take oneDNN
     torch.manual_seed(0)
     for rows in (1, 3, 55, 300):
         x = torch.randn(rows, 96)
@@ -227,6 +229,24 @@ def test_cpu_speed_path_products_equal_torch_mm(monkeypatch, use_onednn):
         assert torch.allclose(matmul.mm_t(x, w_t), x @ w_t.T, atol=1e-4)
         assert torch.allclose(matmul.mm_t(x, w, add.clone()), expected + add, atol=1e-4)
         assert torch.allclose(matmul.mm_t(x.T.contiguous().T, w), expected, atol=1e-4)  # transposed input
+
+
+@pytest.mark.parametrize("intel", [True, False])
+def test_on_intel_cpus_only_a_streamed_weight_goes_through_onednn(monkeypatch, intel):
+    """Where oneDNN is used (x86-64), an Intel CPU sends it only products whose weight is larger than the
+    caches (Gemma's 262k-row output layer); MKL computes the decoder's and LoRA's. Other CPUs send all."""
+    import torch
+
+    from emojitune import matmul
+
+    monkeypatch.setattr(matmul, "onednn", lambda: True)
+    monkeypatch.setattr(matmul, "intel_cpu", lambda: intel)
+    x = torch.randn(3, 640)
+    decoder_weight = torch.randn(2048, 640)
+    output_layer = torch.zeros(1, 640).expand(262144, 640)  # 262k x 640 elements, no memory
+    assert matmul.uses_onednn(x, output_layer)
+    assert matmul.uses_onednn(x, decoder_weight) == (not intel)
+    assert not matmul.uses_onednn(x.double(), output_layer.double())  # float32 only
 
 
 @pytest.mark.parametrize("system", [SYSTEM, None])
