@@ -60,7 +60,7 @@ class TrainSettings:
                                      "end of the epoch (that one picks the best epoch)")
     early_stopping: int = option(0, "stop after N end-of-epoch evaluations in a row without a lower val loss "
                                     "than the best so far (0 = off)")
-    engine: str = option("fast", "fast: this project's loop (2.5-6x faster on CPU); trl: TRL's SFTTrainer "
+    engine: str = option("fast", "fast: this project's loop (2-9x faster on CPU); trl: TRL's SFTTrainer "
                                  "(FSDP, DeepSpeed, --report-to), same files", choices=ENGINES)
     report_to: str = option("none", "with --engine trl: send TRL's training logs there (the package is an "
                                     "optional extra, see README)", choices=REPORT_TO)
