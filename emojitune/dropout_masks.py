@@ -19,6 +19,8 @@ PyTorch 2.15 wheel on an Intel Xeon draws them one by one, and the kernel runs t
 import functools
 from pathlib import Path
 
+from .cbuild import build
+
 SOURCE = Path(__file__).with_name("dropout_mask.c")
 
 # Where the kernel's inputs sit in the bytes of torch.get_rng_state() (PyTorch's CPUGeneratorImplState): the
@@ -70,7 +72,7 @@ def _kernel():
 
     if torch.get_rng_state().numel() != STATE_BYTES:
         return None
-    lib = _compile()
+    lib = build(SOURCE)
     if lib is None:
         return None
     function = lib.draw_dropout_mask
@@ -89,39 +91,3 @@ def _kernel():
     finally:
         torch.set_rng_state(before)  # the check draws nothing from the run's random stream
     return function if same else None
-
-
-def compilers() -> list[list[str]]:
-    """The C compilers tried, in order, each as a command: $CC where it is set (it may carry flags of its own,
-    "gcc -m64", as in make), else cc, gcc and clang."""
-    import os
-    import shlex
-
-    if os.environ.get("CC", "").strip():
-        return [shlex.split(os.environ["CC"])]
-    return [["cc"], ["gcc"], ["clang"]]
-
-
-def _compile():
-    """The kernel built with the machine's C compiler and loaded, or None."""
-    import ctypes
-    import shutil
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="emojitune-", ignore_cleanup_errors=True) as folder:
-        library = Path(folder) / "dropout_mask.so"
-        for name, *own_flags in compilers():
-            compiler = shutil.which(name)
-            if compiler is None:
-                continue
-            # -march=native: the vector instructions of the machine that runs it (built for this process only)
-            for flags in (["-O3", "-march=native"], ["-O3"]):
-                command = [compiler, *own_flags, *flags, "-shared", "-fPIC", "-o", str(library), str(SOURCE)]
-                try:
-                    built = subprocess.run(command, capture_output=True, timeout=120).returncode == 0
-                    if built:
-                        return ctypes.CDLL(str(library))  # loaded: the file can go with the folder
-                except (OSError, subprocess.SubprocessError):
-                    continue
-    return None

@@ -252,7 +252,7 @@ def kernel_expected() -> bool:
 
     import torch
 
-    from emojitune import dropout_masks
+    from emojitune import cbuild
 
     state = torch.get_rng_state()
     torch.manual_seed(5)
@@ -260,7 +260,7 @@ def kernel_expected() -> bool:
     torch.manual_seed(5)
     serial = torch.equal(mask, (torch.rand(3000, dtype=torch.float64) < 0.9).float())
     torch.set_rng_state(state)
-    return any(shutil.which(command[0]) for command in dropout_masks.compilers()) and serial
+    return any(shutil.which(command[0]) for command in cbuild.compilers()) and serial
 
 
 @pytest.fixture(params=["kernel", "torch"])
