@@ -411,14 +411,16 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from emojitune import dropout_masks
+    from emojitune import dropout_masks, output_pass
     from emojitune.data import load_records
     from emojitune.split import stratified_split
 
     print(f"machine: {os.cpu_count()} CPU threads visible, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads"
           + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
-          + (", CPU dropout masks: " + ("our C kernel" if dropout_masks.uses_kernel() else "torch's")), flush=True)
+          + (", CPU dropout masks: " + ("our C kernel" if dropout_masks.uses_kernel() else "torch's"))
+          + (", batch-1 output-layer pass: " + ("our C kernel" if output_pass.available() else "torch's two")),
+          flush=True)
     model_path = build_model(args.model_dir)
     records = load_records(ROOT / "training_data_emotion_jp.json")
     train, val = stratified_split(records, 0.2, 42)

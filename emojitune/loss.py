@@ -10,7 +10,7 @@ forward + masked cross-entropy (tests/test_model.py checks it against `model(...
 
 import functools
 
-from . import fused_lora
+from . import fused_lora, output_pass
 from .chat import IGNORE
 from .matmul import intel_cpu, mm_t, uses_onednn
 
@@ -181,14 +181,20 @@ def answer_loss_module(model):
 
 def summed_answer_loss(causal_lm, input_ids, attention_mask, labels, draws_masks=None):
     """The training loss: answer_token_losses summed, without the argmax it also computes. On CPU with a
-    frozen output layer and a dozen answer rows or more (batch 4 and up), the cross-entropy and its
-    gradient come from one pass over the output layer (cpu_frozen_output_loss) instead of logits,
-    log-softmax and a second pass for the backward."""
+    frozen float32 output layer the cross-entropy and its gradient come from one pass over the output layer
+    instead of logits, log-softmax and a second pass for the backward: from a dozen answer rows (batch 4 and
+    up) cpu_frozen_output_loss, below that output_pass's C kernel where it is built."""
+    import torch
+
     rows, wanted, _ = answer_rows(causal_lm, input_ids, attention_mask, labels, draws_masks=draws_masks)
     head = causal_lm.get_output_embeddings()
-    if (rows.shape[0] >= ONE_PASS_MIN_ROWS and is_cpu_frozen_head(head, rows) and rows.dtype == head.weight.dtype
-            and not getattr(causal_lm.config, "final_logit_softcapping", None)):
+    frozen = (is_cpu_frozen_head(head, rows) and rows.dtype == head.weight.dtype
+              and not getattr(causal_lm.config, "final_logit_softcapping", None))
+    if frozen and rows.shape[0] >= ONE_PASS_MIN_ROWS:
         return cpu_frozen_output_loss(rows, head.weight, wanted).sum()
+    if (frozen and rows.dtype == torch.float32 and rows.shape[0] <= output_pass.MAX_ROWS
+            and head.weight.is_contiguous() and output_pass.available()):
+        return output_pass.one_pass_loss(rows, head.weight, wanted).sum()
     import torch.nn.functional as F
 
     return F.cross_entropy(output_logits(causal_lm, rows), wanted, reduction="sum")

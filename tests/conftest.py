@@ -156,3 +156,15 @@ def learned_run(tiny_model, tmp_path_factory) -> Path:
                    "--batch-size", 8, "--evals-per-epoch", 1, "--checkpoint-dir", d)
     assert r.returncode == 0, r.stderr[-3000:]
     return d
+
+
+@pytest.fixture(params=["kernel", "none"])
+def output_kernel(request, monkeypatch):
+    """output_pass with its C kernel (where a compiler is found here) and without one (CC names none)."""
+    from emojitune import output_pass
+
+    output_pass._kernel.cache_clear()
+    if request.param == "none":
+        monkeypatch.setenv("CC", "no-such-compiler")
+    yield request.param
+    output_pass._kernel.cache_clear()  # built again with the real environment by the next user

@@ -180,6 +180,38 @@ def test_inference_linear_layers_go_through_onednn_with_linear_numbers(lm, monke
         assert torch.allclose(copied(x), 2 * linear(x), atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 11, 16])
+def test_output_pass_kernel_gives_cross_entropy_and_its_gradient_in_one_read(output_kernel, rows):
+    """output_pass's C kernel (built where a compiler is on the PATH; not with CC naming none): the loss and
+    hidden-state gradient of F.cross_entropy on the full logits, for 1 to 16 rows, whether the vocabulary is
+    passed over in one part or in several (one per thread) that are merged."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+
+    from emojitune import cbuild, output_pass
+
+    expect_kernel = output_kernel == "kernel" and any(shutil.which(c[0]) for c in cbuild.compilers())
+    assert output_pass.available() == expect_kernel
+    if not expect_kernel:
+        return
+    torch.manual_seed(0)
+    weight = torch.randn(9001, 64)  # logits of several units: the running maximum moves during the pass
+    h = torch.randn(rows, 64, requires_grad=True)
+    targets = torch.randint(0, 9001, (rows,))
+    expected = F.cross_entropy(h @ weight.T, targets, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), h)
+    loss = output_pass.one_pass_loss(h, weight, targets)
+    (grad,) = torch.autograd.grad(loss.sum(), h)
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
+    one = output_pass._pass(output_pass._kernel(), h.detach(), weight, parts=1)
+    three = output_pass._pass(output_pass._kernel(), h.detach(), weight, parts=3)
+    for a, b in zip(one, three):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rows", [12, 48])
 def test_one_pass_output_loss_matches_log_softmax_with_gradients(rows):
     """Training's one-pass cross-entropy (online softmax over vocabulary chunks, the last one partial)

@@ -198,10 +198,11 @@ def tiny_lora(tiny_model, dropout: float, training: bool):
     return lm
 
 
-@pytest.mark.parametrize("copies", [1, 5])  # 3 tweets: two-pass output layer; 15: the one-pass loss
-def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tiny_model, copies):
+@pytest.mark.parametrize("copies", [1, 5])  # 3 tweets: output_pass's kernel or two passes; 15: the one-pass loss
+def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tiny_model, copies, output_kernel):
     """03's loss path (answer rows only, CPU output layer) gives the gradient of the loss a plain
-    transformers user would write, `model(..., labels=labels).loss`, for the same LoRA weights."""
+    transformers user would write, `model(..., labels=labels).loss`, for the same LoRA weights; below a
+    dozen answer rows with output_pass's kernel and without it."""
     import torch
 
     from emojitune.chat import collate, encode, pad_id

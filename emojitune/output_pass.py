@@ -1,0 +1,125 @@
+"""The training loss for a few answer rows (batch 1) on CPU in one read of the frozen output layer, by a small C
+kernel of ours (output_pass.c), split over PyTorch's threads.
+
+Below a dozen answer rows, the loss path of loss.py reads Gemma 3's 262,144 x 640 output layer twice per
+step: once for the logits, once (from a transposed copy, 671 MB more memory) for the input gradient. Both are
+bound by memory bandwidth, not arithmetic. The kernel reads each block of the layer once and computes, per
+row, the largest logit, the sum of exponentials and the softmax-weighted sum of the layer's rows (the online
+softmax of loss.cpu_frozen_output_loss); the cross-entropy and its gradient follow from those. Each thread
+passes over its own part of the vocabulary (ctypes lets go of the GIL during the call), and the parts are
+merged. The same quantities as log_softmax + nll, summed in another order: float32 rounding.
+
+Built when first needed (cbuild.py) and used only after a check against F.cross_entropy's loss and gradient;
+without a compiler, or where the check fails, loss.py keeps its two passes.
+"""
+
+import functools
+from pathlib import Path
+
+from .cbuild import build
+
+SOURCE = Path(__file__).with_name("output_pass.c")
+MAX_ROWS = 16  # output_pass.c's MAX_ROWS
+
+
+def available() -> bool:
+    """Whether the kernel is built and checked in this process (builds it on first call)."""
+    return _kernel() is not None
+
+
+def one_pass_loss(h, weight, targets):
+    """Per-row cross-entropy of h @ weight.T against targets, with the gradient for h computed in the same pass:
+    for a frozen, float32, contiguous weight on CPU and at most MAX_ROWS rows (check available() first)."""
+    return _function().apply(h, weight, targets)
+
+
+@functools.cache
+def _function():
+    import torch
+
+    class OnePassLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w, targets):
+            top, total, weighted = _pass(_kernel(), h.detach().contiguous(), w)
+            target_rows = w[targets]
+            loss = top + torch.log(total) - (h * target_rows).sum(1)
+            ctx.save_for_backward(weighted.div_(total[:, None]).sub_(target_rows))
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            (grad_h,) = ctx.saved_tensors
+            return grad_h * grad_loss[:, None], None, None
+
+    return OnePassLoss
+
+
+def _pass(kernel, h, w, parts: int | None = None):
+    """The largest logit, the sum of exp(logit - largest) and the exp-weighted sum of w's rows, per row of h,
+    over the whole vocabulary: one kernel call per part (default: a part per PyTorch thread, each of at least
+    4,096 rows of w), each on its own thread, merged."""
+    import torch
+
+    n, d = h.shape
+    vocab = w.shape[0]
+    parts = parts or max(1, min(torch.get_num_threads(), vocab // 4096))
+    bounds = [vocab * i // parts for i in range(parts + 1)]
+    top = torch.empty(parts, n)
+    total = torch.empty(parts, n, dtype=torch.float64)
+    weighted = torch.empty(parts, n, d)
+
+    def run(i):
+        kernel(w.data_ptr(), h.data_ptr(), n, d, bounds[i], bounds[i + 1], top[i].data_ptr(), total[i].data_ptr(),
+               weighted[i].data_ptr())
+
+    if parts > 1:
+        futures = [_pool().submit(run, i) for i in range(1, parts)]
+        run(0)
+        for f in futures:
+            f.result()
+    else:
+        run(0)
+    overall = top.max(0).values
+    scale = torch.exp(top - overall)  # each part's sums against the overall maximum
+    total = (total * scale.double()).sum(0)
+    weighted = (weighted * scale[:, :, None]).sum(0)
+    return overall, total.float(), weighted
+
+
+@functools.cache
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    return ThreadPoolExecutor(max_workers=max(2, torch.get_num_threads()) - 1, thread_name_prefix="output-pass")
+
+
+@functools.cache
+def _kernel():
+    """The compiled kernel's function, or None where it cannot be built or does not give torch's numbers."""
+    import ctypes
+
+    import torch
+    import torch.nn.functional as F
+
+    lib = build(SOURCE, flags=("-fopenmp-simd",))  # the dot products' vector reduction (no OpenMP runtime)
+    if lib is None:
+        return None
+    function = lib.output_pass
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    function.restype = None
+    # A vocabulary of several blocks with a partial last one, logits large enough that the maximum moves.
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(9001, 96, generator=generator) * 3
+    h = torch.randn(MAX_ROWS, 96, generator=generator)
+    targets = torch.randint(0, 9001, (MAX_ROWS,), generator=generator)
+    top, total, weighted = _pass(function, h, w)
+    loss = top + torch.log(total) - (h * w[targets]).sum(1)
+    grad = weighted / total[:, None] - w[targets]
+    hg = h.clone().requires_grad_(True)
+    expected = F.cross_entropy(hg @ w.T, targets, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), hg)
+    same = torch.allclose(loss, expected, rtol=1e-4, atol=1e-4) and torch.allclose(grad, expected_grad, atol=1e-4)
+    return function if same else None
