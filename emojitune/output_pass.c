@@ -15,9 +15,6 @@
 
 enum { BLOCK = 16, MAX_ROWS = 16 };
 
-/* Rows [v0, v1) of w (V x d, row-major) against h (n x d, n <= MAX_ROWS). For each hidden row r: m[r], the
- * largest logit in the range, s[r], the sum of exp(logit - m[r]), and acc[r * d ...], the sum of
- * exp(logit - m[r]) * w[v]. */
 /* The logits of rows [start, start + count) of w for hidden row hr into z[.][r]: four rows of w at a time, so
  * that four independent sums, not one, wait on the multiply-adds. */
 static void block_logits(const float *w, const float *hr, int d, int64_t start, int count, float z[][MAX_ROWS],
@@ -49,6 +46,9 @@ static void block_logits(const float *w, const float *hr, int d, int64_t start, 
     }
 }
 
+/* Rows [v0, v1) of w (V x d, row-major) against h (n x d, n <= MAX_ROWS). For each hidden row r: m[r], the
+ * largest logit in the range, s[r], the sum of exp(logit - m[r]), and acc[r * d ...], the sum of
+ * exp(logit - m[r]) * w[v]. */
 void output_pass(const float *w, const float *h, int n, int d, int64_t v0, int64_t v1, float *m, double *s,
                  float *acc)
 {

@@ -168,3 +168,12 @@ def output_kernel(request, monkeypatch):
         monkeypatch.setenv("CC", "no-such-compiler")
     yield request.param
     output_pass._kernel.cache_clear()  # built again with the real environment by the next user
+
+
+def c_compiler_on_path() -> bool:
+    """Whether one of the C compilers our kernels are built with (cbuild.compilers()) is on the PATH."""
+    import shutil
+
+    from emojitune import cbuild
+
+    return any(shutil.which(command[0]) for command in cbuild.compilers())

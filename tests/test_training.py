@@ -4,8 +4,8 @@ import math
 from dataclasses import asdict
 
 import pytest
-from conftest import (SYSTEM, assert_same_epochs_and_adapter, assert_user_error, load_json, run_script,
-                      shipped_subset, straight_and_resumed)
+from conftest import (SYSTEM, assert_same_epochs_and_adapter, assert_user_error, c_compiler_on_path, load_json,
+                      run_script, shipped_subset, straight_and_resumed)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def tiny_lora(tiny_model, dropout: float, training: bool):
     return lm
 
 
-@pytest.mark.parametrize("copies", [1, 5])  # 3 tweets: output_pass's kernel or two passes; 15: the one-pass loss
+@pytest.mark.parametrize("copies", [1, 5])  # 3 tweets: output_pass's kernel (or 2 passes); 15: the one-pass loss
 def test_a_training_step_follows_the_gradient_of_the_plain_hugging_face_loss(tiny_model, copies, output_kernel):
     """03's loss path (answer rows only, CPU output layer) gives the gradient of the loss a plain
     transformers user would write, `model(..., labels=labels).loss`, for the same LoRA weights; below a
@@ -249,11 +249,7 @@ def kernel_expected() -> bool:
     draws bernoulli_ masks one element at a time from its Mersenne Twister, as the kernel does. That is
     checked against torch's own uniform draws: the mask is exactly `rand(float64) < keep` from the same
     state (PyTorch builds that draw these masks another way, such as through MKL, leave the kernel unused)."""
-    import shutil
-
     import torch
-
-    from emojitune import cbuild
 
     state = torch.get_rng_state()
     torch.manual_seed(5)
@@ -261,7 +257,7 @@ def kernel_expected() -> bool:
     torch.manual_seed(5)
     serial = torch.equal(mask, (torch.rand(3000, dtype=torch.float64) < 0.9).float())
     torch.set_rng_state(state)
-    return any(shutil.which(command[0]) for command in cbuild.compilers()) and serial
+    return c_compiler_on_path() and serial
 
 
 @pytest.fixture(params=["kernel", "torch"])
