@@ -14,6 +14,7 @@ without a compiler, or where the check fails, loss.py keeps its two passes.
 """
 
 import functools
+import threading
 from pathlib import Path
 
 from .cbuild import build
@@ -72,27 +73,19 @@ def _pass(kernel, h, w, parts: int | None = None):
         kernel(w.data_ptr(), h.data_ptr(), n, d, bounds[i], bounds[i + 1], top[i].data_ptr(), total[i].data_ptr(),
                weighted[i].data_ptr())
 
-    if parts > 1:
-        futures = [_pool().submit(run, i) for i in range(1, parts)]
-        run(0)
-        for f in futures:
-            f.result()
-    else:
-        run(0)
+    # Daemon threads, started per call (~0.1 ms against the pass's tens): a pool's idle non-daemon workers
+    # would keep console.exit_without_teardown from ending a finished script at once.
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, parts)]
+    for thread in threads:
+        thread.start()
+    run(0)
+    for thread in threads:
+        thread.join()
     overall = top.max(0).values
     scale = torch.exp(top - overall)  # each part's sums against the overall maximum
     total = (total * scale.double()).sum(0)
     weighted = (weighted * scale[:, :, None]).sum(0)
     return overall, total.float(), weighted
-
-
-@functools.cache
-def _pool():
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    return ThreadPoolExecutor(max_workers=max(2, torch.get_num_threads()) - 1, thread_name_prefix="output-pass")
 
 
 @functools.cache

@@ -185,12 +185,15 @@ def test_output_pass_kernel_gives_cross_entropy_and_its_gradient_in_one_read(out
     """output_pass's C kernel (built where a compiler is on the PATH; not with CC naming none): the loss and
     hidden-state gradient of F.cross_entropy on the full logits, for 1 to 16 rows, whether the vocabulary is
     passed over in one part or in several (one per thread) that are merged."""
+    import threading
+
     import torch
     import torch.nn.functional as F
 
     from emojitune import output_pass
 
     expect_kernel = output_kernel == "kernel" and c_compiler_on_path()
+    non_daemon = {t for t in threading.enumerate() if not t.daemon}
     assert output_pass.available() == expect_kernel
     if not expect_kernel:
         return
@@ -208,6 +211,8 @@ def test_output_pass_kernel_gives_cross_entropy_and_its_gradient_in_one_read(out
     three = output_pass._pass(output_pass._kernel(), h.detach(), weight, parts=3)
     for a, b in zip(one, three):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    # No thread left that Python would wait for: a script still ends at once (console.exit_without_teardown).
+    assert {t for t in threading.enumerate() if not t.daemon} == non_daemon
 
 
 @pytest.mark.parametrize("rows", [12, 48])
