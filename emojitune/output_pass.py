@@ -41,10 +41,8 @@ def _function():
     class OnePassLoss(torch.autograd.Function):
         @staticmethod
         def forward(ctx, h, w, targets):
-            top, total, weighted = _pass(_kernel(), h.detach().contiguous(), w)
-            target_rows = w[targets]
-            loss = top + torch.log(total) - (h * target_rows).sum(1)
-            ctx.save_for_backward(weighted.div_(total[:, None]).sub_(target_rows))
+            loss, grad_h = _loss_and_gradient(_kernel(), h.detach().contiguous(), w, targets)
+            ctx.save_for_backward(grad_h)
             return loss
 
         @staticmethod
@@ -53,6 +51,17 @@ def _function():
             return grad_h * grad_loss[:, None], None, None
 
     return OnePassLoss
+
+
+def _loss_and_gradient(kernel, h, w, targets):
+    """Per-row cross-entropy (largest logit + log of the sum of exponentials - the target's logit) and its
+    gradient for h (the softmax-weighted average of w's rows - the target's row), from one _pass."""
+    import torch
+
+    top, total, weighted = _pass(kernel, h, w)
+    target_rows = w[targets]
+    loss = top + torch.log(total) - (h * target_rows).sum(1)
+    return loss, weighted.div_(total[:, None]).sub_(target_rows)
 
 
 def _pass(kernel, h, w, parts: int | None = None):
@@ -108,9 +117,7 @@ def _kernel():
     w = torch.randn(9001, 96, generator=generator) * 3
     h = torch.randn(MAX_ROWS, 96, generator=generator)
     targets = torch.randint(0, 9001, (MAX_ROWS,), generator=generator)
-    top, total, weighted = _pass(function, h, w)
-    loss = top + torch.log(total) - (h * w[targets]).sum(1)
-    grad = weighted / total[:, None] - w[targets]
+    loss, grad = _loss_and_gradient(function, h, w, targets)
     hg = h.clone().requires_grad_(True)
     expected = F.cross_entropy(hg @ w.T, targets, reduction="none")
     (expected_grad,) = torch.autograd.grad(expected.sum(), hg)
