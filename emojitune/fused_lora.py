@@ -7,7 +7,8 @@ gate/up, so here each such group runs as one autograd function: one matrix produ
 base weights (their rows concatenated into one matrix; the model's weights become views of it, so no
 memory is added; the product runs through oneDNN, see matmul.py), the LoRA update added onto its output
 in place (addmm_), and a backward pass written by hand that needs no elementwise scaling or summing passes
-over the outputs.
+over the outputs. In small batches that backward reads transposed copies of the frozen weights, which oneDNN
+reads faster (TRANSPOSED_BACKWARD_ROWS below): that copy is the only memory the path adds.
 
 The dropout masks are the masks torch's dropout draws on CPU (`empty_like(x).bernoulli_(1-p)`; drawn by
 dropout_masks.py, faster), in the same order as PEFT's layers draw them (q, k, v, then gate, up), so a run
@@ -24,7 +25,16 @@ that same tensor. Any other call falls back to PEFT's own forward.
 import functools
 
 from . import dropout_masks
-from .matmul import mm_t
+from .matmul import mm_t, uses_onednn
+
+# The input gradient's products (output gradient @ W) of up to this many rows read a transposed copy of each
+# frozen weight, made at the first such backward pass: oneDNN reads a weight fastest in nn.Linear's layout, so
+# for these products W.T stored contiguously (2-core AMD EPYC Zen 3, the decoder's 126 products with weights
+# from memory: 11-14% faster at 55-440 rows, 5% at 880). It costs the decoder's weights once more in memory
+# (0.4 GB for Gemma-3-270M), so only where the gain shows in whole steps: batch 1 (median ratio 1.032 over 100
+# batches, old and new in turn) and batch 4 (1.035 over 30, ~220 rows), not batch 16 (1.005 over 9, ~880 rows).
+# Only where oneDNN computes these products (matmul.uses_onednn): MKL's layouts were not measured.
+TRANSPOSED_BACKWARD_ROWS = 256
 
 
 def install(model) -> int:
@@ -84,11 +94,19 @@ class _Group:
             start += size
         self.weight = weight
         self.pending = None  # (input, outputs, next index) between the group's calls
+        self.transposed = None  # (weight version, each layer's weight transposed), made when first needed
 
     def install(self) -> None:
         for i, layer in enumerate(self.layers):
             layer._fused_group = self
             layer.forward = functools.partial(self.forward, i)
+
+    def transposed_weights(self) -> list:
+        """Each layer's frozen weight as W.T, contiguous (see TRANSPOSED_BACKWARD_ROWS); made again if the
+        weights were changed in place."""
+        if self.transposed is None or self.transposed[0] != self.weight._version:
+            self.transposed = (self.weight._version, [w.T.contiguous() for w in self.weight.split(self.sizes)])
+        return self.transposed[1]
 
     def usable(self) -> bool:
         layer = self.layers[0]
@@ -112,7 +130,7 @@ class _Group:
         p = dropout.p if getattr(dropout, "p", 0) and dropout.training else 0.0
         lora = [l.lora_A["default"].weight for l in self.layers] + [l.lora_B["default"].weight for l in self.layers]
         outputs = _fused_function().apply(x, self.weight, (tuple(self.sizes),
-                                          tuple(l.scaling["default"] for l in self.layers), p), *lora)
+                                          tuple(l.scaling["default"] for l in self.layers), p, self), *lora)
         if len(self.layers) > 1:
             self.pending = (x, outputs, 1)
         return outputs[0]
@@ -127,7 +145,8 @@ def _fused_function():
 
         @staticmethod
         def forward(ctx, x, weight, spec, *lora):
-            sizes, scalings, p = spec
+            sizes, scalings, p, group = spec
+            ctx.group = group
             k = len(sizes)
             a, b = lora[:k], lora[k:]
             # dropout(x) = x * mask / (1-p) with a 0/1 mask: the 1/(1-p) goes into each layer's scale
@@ -172,8 +191,12 @@ def _fused_function():
             # concatenating the output gradients for one product: the copy cost more than it saved.
             grad_x = None
             if ctx.needs_input_grad[0]:
-                for gi, wi in zip(g, weight.split(sizes)):
-                    grad_x = mm_t(gi, wi.T, grad_x)
+                if rows <= TRANSPOSED_BACKWARD_ROWS and uses_onednn(x2, weight):
+                    for gi, wi_t in zip(g, ctx.group.transposed_weights()):
+                        grad_x = mm_t(gi, wi_t, grad_x)
+                else:
+                    for gi, wi in zip(g, weight.split(sizes)):
+                        grad_x = mm_t(gi, wi.T, grad_x)
             grad_a, grad_b, grad_h = [], [], []
             for i in range(k):
                 grad_b.append(torch.mm(g[i].T, hs[i]).mul_(scales[i]))

@@ -299,10 +299,13 @@ def test_dropout_masks_are_the_masks_torch_draws(mask_drawer, keep):
     assert 0 < float(torch_mask.mean()) < 1 and torch.initial_seed() == 3
 
 
-def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_model, mask_drawer):
+@pytest.mark.parametrize("transposed_backward", [True, False], ids=["transposed-copies", "weights-as-they-are"])
+def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_model, mask_drawer, monkeypatch,
+                                                                         transposed_backward):
     """fused_lora's CPU path draws the dropout masks PEFT's layers draw (same seed, same order) and gives
     their loss and gradients to float rounding; the random state after a step is the same too. With the
-    C kernel's masks and with torch's."""
+    C kernel's masks and with torch's; with the input gradient read from transposed copies of the weights
+    (small batches) and from the weights themselves (large ones)."""
     import torch
 
     from emojitune import dropout_masks, fused_lora
@@ -310,6 +313,8 @@ def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_mo
     from emojitune.data import Record
 
     assert dropout_masks.uses_kernel() == (mask_drawer == "kernel" and kernel_expected())
+    if not transposed_backward:
+        monkeypatch.setattr(fused_lora, "TRANSPOSED_BACKWARD_ROWS", 0)
     records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
     results = []
     for fused in (False, True):
