@@ -470,7 +470,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for name, s, gflop, mem in rows:
         g = (gflop or ours_gflop) / s
-        ratio = f"{base / s:.1f}x" if base else "n/a"
+        ratio = f"{base / s:.2f}x" if base else "n/a"
         print(f"| {name} | {s:.3f} | {1 / s:.2f} | {g:.0f} | {percent(g, peak)} | {mem:.1f} GB | {ratio} |")
     print()
     print(f"evaluation pass (val loss + accuracy, {n_val} tweets, one teacher-forced pass): {eval_s:.2f} s")
@@ -485,7 +485,7 @@ def main():
         print("| whole process, 1 epoch over 48 tweets | seconds | speed-up vs original |")
         print("|---|---|---|")
         for name, s in results:
-            print(f"| {name} | {s:.1f} | {results[0][1] / s:.1f}x |")
+            print(f"| {name} | {s:.1f} | {results[0][1] / s:.2f}x |")
 
 
 def multi_turn_table(model_path, train, samples: int, k: int, peak: float) -> None:
