@@ -4,8 +4,8 @@ larger matrix products.
 PEFT computes each LoRA layer on its own: base(x) + lora_B(lora_A(dropout(x))) * scaling, each a separate
 operation with its own autograd node. In a Gemma 3 decoder layer q/k/v read the same input, as do
 gate/up, so here each such group runs as one autograd function: one matrix product for the group's frozen
-base weights (their rows concatenated into one matrix; the model's weights become views of it, so no
-memory is added; the product runs through oneDNN, see matmul.py), the LoRA update added onto its output
+base weights (their rows concatenated into one matrix; the model's weights become views of it, so the
+concatenation adds no memory; the product runs through oneDNN, see matmul.py), the LoRA update added onto its output
 in place (addmm_), and a backward pass written by hand that needs no elementwise scaling or summing passes
 over the outputs. In small batches that backward reads transposed copies of the frozen weights, which oneDNN
 reads faster (TRANSPOSED_BACKWARD_ROWS below): that copy is the only memory the path adds.
