@@ -101,12 +101,28 @@ def test_checkpoint_choice_and_missing_adapter(learned_run, tmp_path):
                       "adapter not found", "run 03_train_model.py first, or use --base")
 
 
+def greedy_answer_ids(lm, system, user, history=()) -> list[int]:
+    """The tokens greedy generation gives after the prompt 06 builds (with 06's generation settings,
+    one tweet at a time, so no padding), <end_of_turn> included."""
+    import torch
+
+    from emojitune.chat import prompt_ids
+    from emojitune.generation import Sampling, generation_config
+
+    prompt = torch.tensor([prompt_ids(lm.tokenizer, system, user, history, lm.end_of_turn_id)])
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=prompt, generation_config=generation_config(lm, Sampling()))
+    return out[0, prompt.shape[1]:].tolist()
+
+
 def test_teacher_forced_accuracy_agrees_with_greedy_generation(learned_run):
-    """03's one-pass accuracy: argmax at every answer position == the greedy answer equals the label."""
-    from emojitune.chat import encode, pad_id
+    """03's one-pass accuracy: argmax at every answer position == the greedy answer is exactly the label's
+    tokens, then <end_of_turn>. 05 and 06 strip spaces around an answer, so there a greedy "\n😭" counts
+    as "😭": every exact answer is right there too, not always the other way round."""
+    from emojitune.chat import answer_ids, encode, pad_id
     from emojitune.checkpoints import CheckpointDir, base_model
     from emojitune.data import records_from_json
-    from emojitune.generation import generate
+    from emojitune.generation import decode_answer
     from emojitune.modeling import load_model
     from emojitune.scoring import score
 
@@ -114,9 +130,12 @@ def test_teacher_forced_accuracy_agrees_with_greedy_generation(learned_run):
     lm = load_model(base_model(cp, None)[0], "cpu", adapter=cp.adapter)
     records = records_from_json(cp.val, "") + records_from_json(cp.train, "")
     scores = score(lm.model, encode(lm, records), pad_id(lm.tokenizer), lm.device)
-    greedy = [generate(lm, r.system, r.user) == r.label for r in records]
-    assert scores.exact == greedy
-    assert sum(greedy) >= len(records) // 2  # a real check: most answers are right, not all trivially wrong
+    greedy = [greedy_answer_ids(lm, r.system, r.user) for r in records]
+    exact = [g == answer_ids(lm.tokenizer, r.label, lm.end_of_turn_id) for g, r in zip(greedy, records)]
+    assert scores.exact == exact
+    stripped = [decode_answer(lm.tokenizer, g) == r.label for g, r in zip(greedy, records)]
+    assert all(s for s, e in zip(stripped, exact) if e)
+    assert sum(exact) >= len(records) // 2  # a real check: most answers are right, not all trivially wrong
 
 
 def test_label_scores_with_a_shared_prompt_equal_scoring_each_label_alone(learned_run):
@@ -161,9 +180,10 @@ def test_test_base_and_compare(learned_run):
         rows = saved["results"]
         assert saved["summary"][name]["correct"] == sum(x[f"{name}_correct"] for x in rows)
         assert f"{name}: accuracy" in r.stdout
-    # The tuned answers equal 03's teacher-forced accuracy on the same val tweets at the last epoch.
+    # Every val tweet 03's last epoch counted right (its greedy answer is exactly the label's tokens) is right
+    # here; 05 strips spaces around an answer, so it may count a few more (a greedy "\n😭" is "😭" here).
     last = load_json(learned_run / "metrics.json")["epochs"][-1]
-    assert saved["summary"]["tuned"]["correct"] == last["val_correct"]
+    assert saved["summary"]["tuned"]["correct"] >= last["val_correct"] > 0
     # The report: per-label numbers, groups from the shipped file, confusion counts, generation settings.
     from emojitune.generation import Sampling
 
@@ -236,11 +256,10 @@ def test_interactive_prompt_has_line_editing_and_history(learned_run):
 
 def test_teacher_forced_accuracy_per_turn_agrees_with_greedy_generation_with_history(learned_run):
     """03's per-answer accuracy on conversations: answer k is right exactly when greedy generation after the
-    earlier turns (as in the data) gives the label, which is how 05/06 --history build their prompts."""
-    from emojitune.chat import encode, pad_id
+    earlier turns (as in the data) gives the label's tokens, with the prompts 05/06 --history build."""
+    from emojitune.chat import answer_ids, encode, pad_id
     from emojitune.checkpoints import CheckpointDir, base_model
     from emojitune.data import Record, records_from_json
-    from emojitune.generation import generate
     from emojitune.modeling import load_model
     from emojitune.scoring import score
 
@@ -250,8 +269,8 @@ def test_teacher_forced_accuracy_per_turn_agrees_with_greedy_generation_with_his
     chats = [Record(SYSTEM, r3.user, r3.label, history=[(r1.user, r1.label), (r2.user, r2.label)])
              for r1, r2, r3 in zip(tweets[0::3], tweets[1::3], tweets[2::3])]
     scores = score(lm.model, encode(lm, chats), pad_id(lm.tokenizer), lm.device)
-    greedy = [[generate(lm, SYSTEM, user, history=c.turns[:k]) == label for k, (user, label) in enumerate(c.turns)]
-              for c in chats]
+    greedy = [[greedy_answer_ids(lm, SYSTEM, user, c.turns[:k]) == answer_ids(lm.tokenizer, label, lm.end_of_turn_id)
+               for k, (user, label) in enumerate(c.turns)] for c in chats]
     assert scores.answers == [3] * len(chats)
     assert scores.right == [sum(g) for g in greedy] and scores.exact == [all(g) for g in greedy]
     assert 0 < scores.correct  # a real check: some answers with history are right
