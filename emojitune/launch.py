@@ -72,7 +72,7 @@ def started_alone_by_accelerate() -> int | None:
     return n if n and n > 1 else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -82,7 +82,7 @@ def run_processes(n: int) -> int:
     """Run this same command as n processes of one training run; return the exit code to end with:
     0, or the first failing process's code (the others are then stopped)."""
     base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(n),
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(n),
                 LOCAL_WORLD_SIZE=str(n))
     log(f"starting {n} training processes", err=True)
     procs = [subprocess.Popen([sys.executable, *sys.argv], env={**base, "RANK": str(i), "LOCAL_RANK": str(i)})

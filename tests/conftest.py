@@ -128,8 +128,12 @@ def one_and_two_processes(base: Path, *flags) -> tuple[Path, Path, subprocess.Co
     r1 = run_script("03_train_model.py", *common, "--batch-size", 4, "--checkpoint-dir", one)
     assert r1.returncode == 0, r1.stderr[-2000:]
     accelerate = Path(sys.executable).parent / "accelerate"
-    r2 = subprocess.run([str(accelerate), "launch", "--num_processes", "2", str(ROOT / "03_train_model.py"),
-                         *map(str, common), "--batch-size", "2", "--checkpoint-dir", str(two)],
+    from emojitune.launch import free_port
+
+    # A free port, not accelerate's fixed 29500: another test may be launching processes at the same time.
+    r2 = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--main_process_port", str(free_port()),
+                         str(ROOT / "03_train_model.py"), *map(str, common), "--batch-size", "2",
+                         "--checkpoint-dir", str(two)],
                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "2 processes (global batch 4)" in r2.stdout

@@ -206,9 +206,12 @@ def test_fsdp_scoring_and_adapter_saving_on_sharded_weights(tiny_model, tmp_path
     shards is the unsharded one."""
     from safetensors.torch import load_file
 
+    from emojitune.launch import free_port
+
     d = small_run_dir(tmp_path, "run", 20)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        str(ROOT / "tests/fsdp_worker.py"), str(tiny_model), str(d / "data/val.json"), str(tmp_path)],
+                        "--master_port", str(free_port()), str(ROOT / "tests/fsdp_worker.py"), str(tiny_model),
+                        str(d / "data/val.json"), str(tmp_path)],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     scores = load_json(tmp_path / "scores.json")
