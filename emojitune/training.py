@@ -115,11 +115,12 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
           overwrite: bool = False) -> dict:
     """Train a LoRA adapter on DIR/data/train.json, evaluating on val.json after every epoch.
     `explicit`: the settings given on the command line (a resumed or rerun run keeps the others)."""
+    # The checks first: a mistake is reported before the libraries' imports (seconds) start.
+    settings, previous, model_note = preflight(cp, settings, explicit, resume, overwrite)
     import torch
     from accelerate import Accelerator
     from peft import LoraConfig
 
-    settings, previous, model_note = preflight(cp, settings, explicit, resume, overwrite)
     keep_freed_memory()  # every step reuses the last step's memory (no page faults)
     if settings.engine == "trl":  # same recipe, files and report, trained by TRL's SFTTrainer
         from .trl_engine import train_with_trl  # here: trl_engine builds on this module
