@@ -173,7 +173,11 @@ class LlamaCpp:
     """A GGUF in llama.cpp (through llama-cpp-python), prompted as the Modelfile says."""
 
     def __init__(self, gguf_path, modelfile):
-        import llama_cpp
+        try:
+            import llama_cpp
+        except ImportError:  # a failure, not a skip: the GGUF must be proven in llama.cpp
+            pytest.fail("llama-cpp-python is not installed: run the tests with `uv run --group llamacpp pytest` "
+                        "(README, Tests)", pytrace=False)
 
         self.llm = llama_cpp.Llama(str(gguf_path), n_ctx=256, logits_all=True, verbose=False)
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
