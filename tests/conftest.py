@@ -13,13 +13,24 @@ DATASET = ROOT / "training_data_emotion_jp.json"
 from emojitune import DEFAULT_SYSTEM_PROMPT as SYSTEM  # noqa: E402
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a taskset or a container's cpuset counts; psutil's count does not)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one worker per usable CPU, at most 4. Each test file runs on one worker (--dist loadfile) and
+    the largest takes about a third of the whole, so more workers would only wait for it, holding memory."""
+    return max(1, min(usable_cpus(), 4))
+
+
 def pytest_configure(config):
     """With pytest-xdist's workers (pyproject.toml: -n auto), every worker and each script its tests start
     get an equal share of the cores, as one process has them without workers: PyTorch's threads, each
     process as many as the machine has cores, made the workers' runs up to 5x slower on 2 cores."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // workers))
 
 
 @pytest.fixture(scope="session")
