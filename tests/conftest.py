@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = ROOT / "training_data_emotion_jp.json"
 from emojitune import DEFAULT_SYSTEM_PROMPT as SYSTEM  # noqa: E402
+from emojitune.launch import free_port  # noqa: E402
 
 
 def usable_cpus() -> int:
@@ -148,8 +149,6 @@ def one_and_two_processes(base: Path, *flags) -> tuple[Path, Path, subprocess.Co
     r1 = run_script("03_train_model.py", *common, "--batch-size", 4, "--checkpoint-dir", one)
     assert r1.returncode == 0, r1.stderr[-2000:]
     accelerate = Path(sys.executable).parent / "accelerate"
-    from emojitune.launch import free_port
-
     # A free port, not accelerate's fixed 29500: another test may be launching processes at the same time.
     r2 = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--main_process_port", str(free_port()),
                          str(ROOT / "03_train_model.py"), *map(str, common), "--batch-size", "2",
