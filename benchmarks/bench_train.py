@@ -446,30 +446,32 @@ def main():
         multi_turn_table(model_path, train, args.samples, args.multi_turn, peak)
         return
     rows = []  # (name, s/sample, useful GFLOP/sample, peak GB)
+
+    def record(name, s, gflop, mem):
+        rows.append((name, s, gflop, mem))
+        print(f"  measured {name}: {s:.3f} s/sample", flush=True)
+
+    train_path = None if args.skip_trl else _write_train(train)
+
+    def time_original(name, bf16=False):
+        s, _, mem = time_trl(model_path, train_path, args.samples, bf16=bf16)
+        record(name, s, None, mem)
+
     if not args.skip_trl:
-        s, _, mem = time_trl(model_path, _write_train(train), args.samples)
-        rows.append(("original recipe: TRL SFTTrainer, batch 1, grad ckpt", s, None, mem))
-        print(f"  measured {rows[-1][0]}: {s:.3f} s/sample", flush=True)
+        time_original("original recipe: TRL SFTTrainer, batch 1, grad ckpt")
         if device == "cuda":  # the recipe's float32 is for CPUs; on a GPU a TRL user keeps TRL's default bf16
-            s, _, mem = time_trl(model_path, _write_train(train), args.samples, bf16=True)
-            rows.append(("original recipe with TRL's default bf16 (mixed precision)", s, None, mem))
-            print(f"  measured {rows[-1][0]}: {s:.3f} s/sample", flush=True)
+            time_original("original recipe with TRL's default bf16 (mixed precision)", bf16=True)
     configs = [("ours, default recipe (batch 1, dropout 0.05)", 1, 0.05),
                ("ours, --batch-size 8", 8, 0.05),
                ("ours, --batch-size 16", 16, 0.05),
                ("ours, --batch-size 16 --lora-dropout 0", 16, 0.0)]
     for name, bs, dropout in configs:
-        s, gflop, mem = time_ours(model_path, train, bs, dropout, args.samples)
-        rows.append((name, s, gflop, mem))
-        print(f"  measured {name}: {s:.3f} s/sample", flush=True)
+        record(name, *time_ours(model_path, train, bs, dropout, args.samples))
     if not args.skip_trl:
         for name, bs in (("03 --engine trl, default recipe (batch 1)", 1), ("03 --engine trl --batch-size 16", 16)):
             s, mem = time_trl_engine(model_path, train, val, bs, args.samples)
-            rows.append((name, s, None, mem))
-            print(f"  measured {name}: {s:.3f} s/sample", flush=True)
-        s, _, mem = time_trl(model_path, _write_train(train), args.samples)
-        rows.append(("original recipe again, at the end", s, None, mem))
-        print(f"  measured {rows[-1][0]}: {s:.3f} s/sample", flush=True)
+            record(name, s, None, mem)
+        time_original("original recipe again, at the end")
     # TRL trains on the same kind of samples: count its useful work as for ours.
     ours_gflop = next(r[2] for r in rows if r[2] is not None)
     eval_s, answer_s, top_s, n_val, n_labels = time_eval_and_answer(model_path, train, val)
