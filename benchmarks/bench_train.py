@@ -1,6 +1,6 @@
 """Speed of training, evaluation and answering on the real Gemma-3-270M shape (random weights, no hub).
 
-    uv run benchmarks/bench_train.py                    # in-process table (~5 min on 2 CPU cores)
+    uv run benchmarks/bench_train.py                    # in-process table (~10 min on 2 CPU cores)
     uv run benchmarks/bench_train.py --whole-process    # also time whole 03 runs vs the original recipe
     uv run benchmarks/bench_train.py --multi-turn 4     # only: the default recipe, single tweets vs conversations
     uv run benchmarks/bench_train.py --eval-cost        # only: what --evals-per-epoch costs an epoch
@@ -9,10 +9,12 @@ Three ways to train are timed: the original recipe (TRL, as the original user ra
 03 --engine trl (TRL's SFTTrainer with 03's recipe and report). On a CUDA GPU the original recipe is also timed
 with TRL's default bf16 mixed precision.
 
-The original recipe (float32) is timed first and again last, per sample and as a whole process, and every
-speed-up is against the mean of the two: a machine that drifts during the run (10-30% within minutes on the
-small VMs this was developed on) moves both timings, and a drift that is linear in time cancels out. Both
-timings are printed, so a drift shows.
+The machines this was developed on drift by 10-50% within minutes, so the configurations are timed in rounds
+(--rounds, default 2) between timings of the original recipe (float32): original, every configuration,
+original, every configuration, ..., original. Each timing of a configuration is compared with the mean of the
+original's timings just before and just after its round (a drift that is linear over a round cancels), and a
+configuration's speed-up is the mean of its rounds' speed-ups; its seconds are the mean of its rounds'. The
+same holds for whole processes. Every timing is printed, so a drift shows.
 
 Speed depends on shapes, not weight values, so a random-weight model of the exact shape gives the real
 model's timings (not its losses). The tokenizer is a small byte-level BPE whose prompts for the shipped
@@ -22,6 +24,7 @@ tweets average ~50 tokens with 2-3 answer tokens, as the real Gemma tokenizer's 
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -215,11 +218,10 @@ def time_trl(model_path, train_path, samples, bf16=False):
         trainer.add_callback(Clock())
         reset_peak_rss()
         trainer.train()
-        dataset = trainer.train_dataset
-        lengths = [len(x) for x in dataset["input_ids"][: samples + 1]]
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    # times[1] is the start of step 2: the first step is warm-up, as for ours
-    return (times[-1] - times[1]) / samples, lengths, peak_memory(device)
+    # times[1] is the start of step 2: the first step is warm-up, as for ours. No useful GFLOP count of its own
+    # (None): TRL trains on the same kind of samples, and its work is counted as ours.
+    return (times[-1] - times[1]) / samples, None, peak_memory(device)
 
 
 def time_trl_engine(model_path, train_records, val_records, batch_size, samples):
@@ -257,8 +259,9 @@ def time_trl_engine(model_path, train_records, val_records, batch_size, samples)
         reset_peak_rss()
         trainer.train()
         reporter.close()
-    # times[2] is the start of step 2 and times[2 * steps - 1] the end of the last: the first step is warm-up
-    return (times[2 * steps - 1] - times[2]) / ((steps - 1) * batch_size), peak_memory(device)
+    # times[2] is the start of step 2 and times[2 * steps - 1] the end of the last: the first step is warm-up.
+    # No useful GFLOP count of its own, as time_trl.
+    return (times[2 * steps - 1] - times[2]) / ((steps - 1) * batch_size), None, peak_memory(device)
 
 
 def sync(device: str) -> None:
@@ -361,16 +364,19 @@ def print_eval_cost(per_sample: list[float], eval_seconds: list[float], batch_si
           f"(worst pairing of the repeats: {worst:.3f}x)")
 
 
-def whole_process(model_path, train_records, val_records, tmp: Path) -> list[tuple[str, float]]:
-    """Whole processes (imports, load, train 1 epoch, evaluate, save) on the same 48 training tweets."""
+WHOLE_ORIGINAL = "original recipe (TRL), whole process"
+
+
+def whole_process(model_path, train_records, val_records, tmp: Path, rounds: int):
+    """Whole processes (imports, load, train 1 epoch, evaluate, save) on the same 48 training tweets, in rounds
+    between runs of the original recipe (see the docstring). Returns bracketed()'s result."""
     import torch
 
     from emojitune.checkpoints import CheckpointDir, write_bytes
     from emojitune.data import encode_records
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    runs = [("original recipe (TRL), whole process", [sys.executable, str(ROOT / "benchmarks/original_recipe.py")]),
-            ("03_train_model.py default, whole process", [sys.executable, str(ROOT / "03_train_model.py")]),
+    runs = [("03_train_model.py default, whole process", [sys.executable, str(ROOT / "03_train_model.py")]),
             ("03_train_model.py --batch-size 16, whole process",
              [sys.executable, str(ROOT / "03_train_model.py"), "--batch-size", "16"]),
             ("03_train_model.py --engine trl, whole process",
@@ -378,27 +384,66 @@ def whole_process(model_path, train_records, val_records, tmp: Path) -> list[tup
             ("03_train_model.py --engine trl --batch-size 16, whole process",
              [sys.executable, str(ROOT / "03_train_model.py"), "--engine", "trl", "--batch-size", "16"])]
     if torch.cuda.is_available():  # on a GPU a TRL user would keep TRL's default bf16 mixed precision
-        runs.insert(1, ("original recipe (TRL) --bf16, whole process",
+        runs.insert(0, ("original recipe (TRL) --bf16, whole process",
                         [sys.executable, str(ROOT / "benchmarks/original_recipe.py"), "--bf16"]))
-    # The original again at the end: the speed-ups are against the mean of the two (see the docstring).
-    runs.append(("original recipe (TRL), whole process, again at the end", runs[0][1]))
-    out = []
-    for i, (name, cmd) in enumerate(runs):
-        d = CheckpointDir(tmp / f"whole-{i}")
-        write_bytes(d.train, encode_records(train_records[:48]))
-        write_bytes(d.val, encode_records(val_records[:12]))
-        start = time.perf_counter()
-        subprocess.run(cmd + ["--model", str(model_path), "--epochs", "1", "--checkpoint-dir", str(d.root)],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        out.append((name, time.perf_counter() - start))
-    return out
+    count = iter(range(10 ** 6))
+
+    def timed(name, cmd):
+        def run():
+            d = CheckpointDir(tmp / f"whole-{next(count)}")
+            write_bytes(d.train, encode_records(train_records[:48]))
+            write_bytes(d.val, encode_records(val_records[:12]))
+            start = time.perf_counter()
+            subprocess.run(cmd + ["--model", str(model_path), "--epochs", "1", "--checkpoint-dir", str(d.root)],
+                           check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            seconds = time.perf_counter() - start
+            print(f"  measured {name}: {seconds:.1f} s", flush=True)
+            shutil.rmtree(d.root, ignore_errors=True)  # its adapter and resume state
+            return seconds
+        return name, run
+
+    original = timed(WHOLE_ORIGINAL, [sys.executable, str(ROOT / "benchmarks/original_recipe.py")])
+    return bracketed(original[1], [timed(name, cmd) for name, cmd in runs], rounds)
+
+
+def bracketed(original, others, rounds: int):
+    """Time original(), then each of `others` ((name, function returning seconds) pairs), then original() again,
+    `rounds` times: original, others, original, ..., others, original. With original None (not timed), just
+    the rounds. Returns the original's timings (rounds + 1, or []) and {name: [(seconds, speed-up), ...] per
+    round}, each speed-up against the mean of the original's timings just before and after that round (None
+    without the original)."""
+    originals = [original()] if original else []
+    results = {name: [] for name, _ in others}
+    for r in range(rounds):
+        if rounds > 1:
+            print(f"round {r + 1} of {rounds}", flush=True)
+        seconds = [(name, function()) for name, function in others]
+        if original:
+            originals.append(original())
+        around = (originals[-2] + originals[-1]) / 2 if original else None
+        for name, s in seconds:
+            results[name].append((s, around / s if around else None))
+    return originals, results
+
+
+def summary(timings: list[tuple[float, float | None]]) -> tuple[float, float | None]:
+    """(mean seconds, mean speed-up) of a configuration's rounds."""
+    seconds = statistics.mean(s for s, _ in timings)
+    ratios = [r for _, r in timings if r is not None]
+    return seconds, statistics.mean(ratios) if ratios else None
+
+
+def each_round(timings: list[tuple[float, float | None]], unit: str, digits: int) -> str:
+    return ", ".join(f"{s:.{digits}f}{unit}" + (f" {r:.2f}x" if r else "") for s, r in timings)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "emojitune-bench-gemma-3-270m",
                    help="where the random-weight model is built (reused if present)")
-    p.add_argument("--samples", type=int, default=32, help="training samples timed per configuration")
+    p.add_argument("--samples", type=int, default=32, help="training samples timed per configuration and round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of every configuration between timings of the original recipe (default: 2)")
     p.add_argument("--whole-process", action="store_true", help="also time whole 03 processes vs TRL")
     p.add_argument("--skip-trl", action="store_true", help="skip the TRL original recipe and 03 --engine trl (slow)")
     p.add_argument("--multi-turn", type=int, default=None, metavar="K",
@@ -445,66 +490,74 @@ def main():
     if args.multi_turn is not None:
         multi_turn_table(model_path, train, args.samples, args.multi_turn, peak)
         return
-    rows = []  # (name, s/sample, useful GFLOP/sample, peak GB)
-
-    def record(name, s, gflop, mem):
-        rows.append((name, s, gflop, mem))
-        print(f"  measured {name}: {s:.3f} s/sample", flush=True)
-
     train_path = None if args.skip_trl else _write_train(train)
+    gflop, memory = {}, {}  # per configuration: useful GFLOP per sample, peak memory (largest of its rounds)
 
-    def time_original(name, bf16=False):
-        s, _, mem = time_trl(model_path, train_path, args.samples, bf16=bf16)
-        record(name, s, None, mem)
+    def timed(name, measure):
+        def run():
+            s, work, mem = measure()
+            gflop[name], memory[name] = work, max(mem, memory.get(name, 0.0))
+            print(f"  measured {name}: {s:.3f} s/sample", flush=True)
+            return s
+        return name, run
 
-    if not args.skip_trl:
-        time_original("original recipe: TRL SFTTrainer, batch 1, grad ckpt")
-        if device == "cuda":  # the recipe's float32 is for CPUs; on a GPU a TRL user keeps TRL's default bf16
-            time_original("original recipe with TRL's default bf16 (mixed precision)", bf16=True)
+    others = []
+    if not args.skip_trl and device == "cuda":  # the recipe's float32 is for CPUs; on a GPU a TRL user keeps bf16
+        others.append(timed("original recipe with TRL's default bf16 (mixed precision)",
+                            lambda: time_trl(model_path, train_path, args.samples, bf16=True)))
     configs = [("ours, default recipe (batch 1, dropout 0.05)", 1, 0.05),
                ("ours, --batch-size 8", 8, 0.05),
                ("ours, --batch-size 16", 16, 0.05),
                ("ours, --batch-size 16 --lora-dropout 0", 16, 0.0)]
     for name, bs, dropout in configs:
-        record(name, *time_ours(model_path, train, bs, dropout, args.samples))
+        others.append(timed(name, lambda bs=bs, dropout=dropout: time_ours(model_path, train, bs, dropout, args.samples)))
     if not args.skip_trl:
         for name, bs in (("03 --engine trl, default recipe (batch 1)", 1), ("03 --engine trl --batch-size 16", 16)):
-            s, mem = time_trl_engine(model_path, train, val, bs, args.samples)
-            record(name, s, None, mem)
-        time_original("original recipe again, at the end")
+            others.append(timed(name, lambda bs=bs: time_trl_engine(model_path, train, val, bs, args.samples)))
+    original_name = "original recipe: TRL SFTTrainer, batch 1, grad ckpt"
+    original = None if args.skip_trl else timed(original_name,
+                                                 lambda: time_trl(model_path, train_path, args.samples))[1]
+    originals, results = bracketed(original, others, args.rounds)
     # TRL trains on the same kind of samples: count its useful work as for ours.
-    ours_gflop = next(r[2] for r in rows if r[2] is not None)
+    ours_gflop = next(g for g in gflop.values() if g is not None)
     eval_s, answer_s, top_s, n_val, n_labels = time_eval_and_answer(model_path, train, val)
 
-    # The mean of the original recipe's first and last timings (see the docstring).
-    base = (rows[0][1] + rows[-1][1]) / 2 if not args.skip_trl else None
     print()
-    if base:
-        print(f"original recipe: {rows[0][1]:.3f} s/sample first, {rows[-1][1]:.3f} last, mean {base:.3f}: the "
-              f"speed-ups are against the mean")
-    print("| configuration | s/sample | samples/s | useful GFLOP/s | % of matmul peak | peak memory | speed-up vs original |")
-    print("|---|---|---|---|---|---|---|")
-    for name, s, gflop, mem in rows:
-        g = (gflop or ours_gflop) / s
-        ratio = f"{base / s:.2f}x" if base else "n/a"
-        print(f"| {name} | {s:.3f} | {1 / s:.2f} | {g:.0f} | {percent(g, peak)} | {mem:.1f} GB | {ratio} |")
+    if originals:
+        print(f"original recipe, s/sample, in the order timed: {', '.join(f'{s:.3f}' for s in originals)}; "
+              f"each configuration is compared with the mean of the two around its round")
+    print("| configuration | s/sample | samples/s | useful GFLOP/s | % of matmul peak | peak memory | speed-up vs original "
+          "| each round: s/sample, speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    if originals:
+        s = statistics.mean(originals)
+        g = ours_gflop / s
+        print(f"| {original_name} | {s:.3f} | {1 / s:.2f} | {g:.0f} | {percent(g, peak)} | {memory[original_name]:.1f} GB "
+              f"| reference | {', '.join(f'{x:.3f}' for x in originals)} |")
+    for name, timings in results.items():
+        s, ratio = summary(timings)
+        g = (gflop[name] or ours_gflop) / s
+        print(f"| {name} | {s:.3f} | {1 / s:.2f} | {g:.0f} | {percent(g, peak)} | {memory[name]:.1f} GB "
+              f"| {f'{ratio:.2f}x' if ratio else 'n/a'} | {each_round(timings, '', 3)} |")
     print()
     print(f"evaluation pass (val loss + accuracy, {n_val} tweets, one teacher-forced pass): {eval_s:.2f} s")
-    default = next(r[1] for r in rows if r[0].startswith("ours, default"))
+    default = summary(results[configs[0][0]])[0]
     print_eval_cost([default], [eval_s], configs[0][1], len(train), n_val)
     print(f"06 answer latency, one tweet, greedy, prompt + 3 new tokens: {answer_s:.3f} s (median of 5)")
     print(f"06 --labels-only / --top, one tweet scored against {n_labels} labels: {top_s:.3f} s (median of 3)")
     if args.whole_process:
         with tempfile.TemporaryDirectory() as tmp:
-            results = whole_process(model_path, train, val, Path(tmp))
-        whole_base = (results[0][1] + results[-1][1]) / 2
+            originals, results = whole_process(model_path, train, val, Path(tmp), args.rounds)
         print()
-        print(f"original recipe, whole process: {results[0][1]:.1f} s first, {results[-1][1]:.1f} s last, mean "
-              f"{whole_base:.1f} s: the speed-ups are against the mean")
-        print("| whole process, 1 epoch over 48 tweets | seconds | speed-up vs original |")
-        print("|---|---|---|")
-        for name, s in results:
-            print(f"| {name} | {s:.1f} | {whole_base / s:.2f}x |")
+        print(f"original recipe, whole process, in the order timed: {', '.join(f'{s:.1f} s' for s in originals)}; "
+              f"each run is compared with the mean of the two around its round")
+        print("| whole process, 1 epoch over 48 tweets | seconds | speed-up vs original | each round: seconds, speed-up |")
+        print("|---|---|---|---|")
+        print(f"| {WHOLE_ORIGINAL} | {statistics.mean(originals):.1f} | reference "
+              f"| {', '.join(f'{x:.1f}' for x in originals)} |")
+        for name, timings in results.items():
+            s, ratio = summary(timings)
+            print(f"| {name} | {s:.1f} | {ratio:.2f}x | {each_round(timings, ' s', 1)} |")
 
 
 def multi_turn_table(model_path, train, samples: int, k: int, peak: float) -> None:
