@@ -14,7 +14,9 @@ The machines this was developed on drift by 10-50% within minutes, so the config
 original, every configuration, ..., original. Each timing of a configuration is compared with the mean of the
 original's timings just before and just after its round (a drift that is linear over a round cancels), and a
 configuration's speed-up is the mean of its rounds' speed-ups; its seconds are the mean of its rounds'. The
-same holds for whole processes. Every timing is printed, so a drift shows.
+same holds for whole processes. Every timing is printed, so a drift shows. Where Python may not write bytecode
+(PYTHONDONTWRITEBYTECODE) and the libraries have none compiled, --whole-process stops and says how to compile
+it: otherwise every timed process would spend seconds compiling them, which users pay only once.
 
 Speed depends on shapes, not weight values, so a random-weight model of the exact shape gives the real
 model's timings (not its losses). The tokenizer is a small byte-level BPE whose prompts for the shipped
@@ -28,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -106,6 +109,22 @@ def matmul_peak_gflops(device) -> float:
             (a @ b).sum().item()
         best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def uncompiled_libraries(names=("torch", "transformers", "peft", "trl", "accelerate")) -> list[str]:
+    """Where Python does not write bytecode (PYTHONDONTWRITEBYTECODE, as on CI and some containers), the
+    libraries among `names` whose package has no compiled bytecode: a process importing them compiles their
+    modules from source each time, seconds that whole-process timings would count and users do not pay."""
+    import importlib.util
+
+    if not sys.dont_write_bytecode:
+        return []  # the first process that imports them writes it
+    missing = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin and not os.path.exists(importlib.util.cache_from_source(spec.origin)):
+            missing.append(name)
+    return missing
 
 
 def percent(part: float, whole: float) -> str:
@@ -457,6 +476,12 @@ def main():
                    help="torch threads (default: torch's choice); 1 keeps a machine busy with other work from "
                         "stalling every multi-threaded operation")
     args = p.parse_args()
+    if args.whole_process and (missing := uncompiled_libraries()):
+        sys.exit(f"bench_train.py --whole-process: Python may not write bytecode here (PYTHONDONTWRITEBYTECODE is "
+                 f"set) and {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} none compiled, so every timed "
+                 f"process would compile it from source again (about 5 s per process here; a user pays it once): "
+                 f"compile it once with "
+                 f"{sys.executable} -m compileall -q -j 0 {sysconfig.get_paths()['purelib']}")
 
     import torch
 
