@@ -168,7 +168,10 @@ def _fused_function():
                 start += sizes[i]
             ctx.scales = scales
             ctx.x_shape = x.shape
-            ctx.save_for_backward(x2, weight, *a, *b, *hs, *masks, *masked)
+            # With dropout the backward reads the masked inputs, never x itself: keeping x would hold each
+            # group's input alive until the backward for nothing (with dropout, nothing else keeps the input of
+            # o_proj and down_proj or the norms' outputs: 15 MB a layer at batch 16).
+            ctx.save_for_backward(None if masks else x2, weight, *a, *b, *hs, *masks, *masked)
             outputs, start = [], 0
             for size in sizes:
                 outputs.append(out[:, start:start + size].view(*x.shape[:-1], size))
@@ -182,16 +185,16 @@ def _fused_function():
             x2, weight, *rest = ctx.saved_tensors
             a, b, hs = rest[:k], rest[k:2 * k], rest[2 * k:3 * k]
             masks, masked = rest[3 * k:4 * k], rest[4 * k:]
-            rows = x2.shape[0]
+            rows = ctx.x_shape.numel() // ctx.x_shape[-1]
             sizes = [bi.shape[0] for bi in b]
-            g = [gi.reshape(rows, size) if gi is not None else x2.new_zeros(rows, size)
+            g = [gi.reshape(rows, size) if gi is not None else weight.new_zeros(rows, size)
                  for gi, size in zip(grads, sizes)]
             # The first layer's q/k/v read the embeddings, which are frozen: no input gradient there.
             # The input gradient sums each layer's product into one tensor (addmm) rather than
             # concatenating the output gradients for one product: the copy cost more than it saved.
             grad_x = None
             if ctx.needs_input_grad[0]:
-                if rows <= TRANSPOSED_BACKWARD_ROWS and uses_onednn(x2, weight):
+                if rows <= TRANSPOSED_BACKWARD_ROWS and uses_onednn(g[0], weight):
                     for gi, wi_t in zip(g, ctx.group.transposed_weights()):
                         grad_x = mm_t(gi, wi_t, grad_x)
                 else:
