@@ -112,8 +112,11 @@ def test_merged_model_needs_only_plain_transformers(export_run):
 
 
 def test_dtype_is_kept_unless_rounding_changes_an_answer(export_run):
-    """The choice is really checked: bfloat16 rounding keeps this model's answers; rounding to float8 with a
-    2-bit mantissa (far coarser) changes some (2 of 16 here), and then float32 is kept."""
+    """The choice is really checked: bfloat16 rounding keeps this model's answers; rounding that ruins the
+    weights changes some, and then float32 is kept. float8_e8m0fnu keeps only a power of two of each weight's
+    size (no mantissa, no sign). float8_e5m2 (2-bit mantissa) was used here before: it changed 2 of the 16
+    answers on the first machines and none on a 2-core AVX-512 EPYC with one thread per test worker, so
+    whether it changes one depends on the float rounding of the tiny model's training."""
     import dataclasses
 
     import torch
@@ -128,8 +131,8 @@ def test_dtype_is_kept_unless_rounding_changes_an_answer(export_run):
     merged = dataclasses.replace(lm, model=lm.model.merge_and_unload())
     dtype, lines = choose_dtype(merged, torch.bfloat16, SYSTEM, tweets, adapter)
     assert dtype == torch.bfloat16 and "no answer changed" in lines[-1], lines
-    dtype, lines = choose_dtype(merged, torch.float8_e5m2, SYSTEM, tweets, adapter)
-    assert dtype == torch.float32 and "changed" in lines[-1], lines
+    dtype, lines = choose_dtype(merged, torch.float8_e8m0fnu, SYSTEM, tweets, adapter)
+    assert dtype == torch.float32 and "rounding to float8_e8m0fnu changed" in lines[-1], lines
 
 
 def test_merged_folder_saved_in_bfloat16_loads_in_bfloat16(export_run, tmp_path):
