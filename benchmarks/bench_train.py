@@ -478,10 +478,10 @@ def main():
     args = p.parse_args()
     if args.whole_process and (missing := uncompiled_libraries()):
         sys.exit(f"bench_train.py --whole-process: Python may not write bytecode here (PYTHONDONTWRITEBYTECODE is "
-                 f"set) and {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} none compiled, so every timed "
-                 f"process would compile it from source again (about 5 s per process here; a user pays it once): "
-                 f"compile it once with "
-                 f"{sys.executable} -m compileall -q -j 0 {sysconfig.get_paths()['purelib']}")
+                 f"set) and {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} none compiled, so every "
+                 f"timed process would compile it from source again (about 5 s per process here; a user pays it "
+                 f"once): compile it once with {sys.executable} -m compileall -q -j 0 "
+                 f"{sysconfig.get_paths()['purelib']}")
 
     import torch
 
