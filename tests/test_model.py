@@ -181,10 +181,12 @@ def test_inference_linear_layers_go_through_onednn_with_linear_numbers(lm, monke
 
 
 @pytest.mark.parametrize("rows", [1, 3, 11, 16])
-def test_output_pass_kernel_gives_cross_entropy_and_its_gradient_in_one_read(output_kernel, rows):
+@pytest.mark.parametrize("spread", [1.0, 30.0])
+def test_output_pass_kernel_gives_cross_entropy_and_its_gradient_in_one_read(output_kernel, rows, spread):
     """output_pass's C kernel (built where a compiler is on the PATH; not with CC naming none): the loss and
     hidden-state gradient of F.cross_entropy on the full logits, for 1 to 16 rows, whether the vocabulary is
-    passed over in one part or in several (one per thread) that are merged."""
+    passed over in one part or in several (one per thread) that are merged. With spread 30 each row's logits
+    span thousands, so most of its exponentials fall below the kernel's cut-off to zero (exp_or_zero)."""
     import threading
 
     import torch
@@ -199,14 +201,16 @@ def test_output_pass_kernel_gives_cross_entropy_and_its_gradient_in_one_read(out
         return
     torch.manual_seed(0)
     weight = torch.randn(9001, 64)  # logits of several units: the running maximum moves during the pass
-    h = torch.randn(rows, 64, requires_grad=True)
+    h = (torch.randn(rows, 64) * spread).requires_grad_(True)
     targets = torch.randint(0, 9001, (rows,))
     expected = F.cross_entropy(h @ weight.T, targets, reduction="none")
     (expected_grad,) = torch.autograd.grad(expected.sum(), h)
     loss = output_pass.one_pass_loss(h, weight, targets)
     (grad,) = torch.autograd.grad(loss.sum(), h)
     assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
+    # Logits in the thousands are rounded to ~1e-4 in float32, by the kernel and by torch in their own order:
+    # where two top logits nearly tie, that moves their softmax weights, and the gradient with them, by ~1e-4.
+    assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 if spread == 1 else 1e-3)
     one = output_pass._pass(output_pass._kernel(), h.detach(), weight, parts=1)
     three = output_pass._pass(output_pass._kernel(), h.detach(), weight, parts=3)
     for a, b in zip(one, three):
