@@ -15,7 +15,7 @@
 
 enum { BLOCK = 16, MAX_ROWS = 16 };
 
-/* exp(x) for x <= 0, or 0 below x = -69 (exp(-69) = 1e-30). Such a term cannot change a sum that holds
+/* exp(x) for x <= 0, or 0 below x = -69 (exp(-69) = 1e-30; loss.py's EXP_CUTOFF). Such a term cannot change a sum that holds
  * exp(0) = 1 (float32 rounds at 6e-8), but kept, its products with the layer's weights (~0.01) fall below
  * float's normal range (1.2e-38), and on Intel CPUs each such subnormal product costs a slow microcode
  * assist: with 3 rows whose logits spanned 140-330, the pass over Gemma 3's layer on a 2-core Xeon took
