@@ -15,12 +15,12 @@
 
 enum { BLOCK = 16, MAX_ROWS = 16 };
 
-/* exp(x) for x <= 0, or 0 below x = -69 (exp(-69) = 1e-30; loss.py's EXP_CUTOFF). Such a term cannot change a sum that holds
- * exp(0) = 1 (float32 rounds at 6e-8), but kept, its products with the layer's weights (~0.01) fall below
- * float's normal range (1.2e-38), and on Intel CPUs each such subnormal product costs a slow microcode
- * assist: with 3 rows whose logits spanned 140-330, the pass over Gemma 3's layer on a 2-core Xeon took
- * 108-242 ms, 2.6-5.8x as long as with this cut-off (41-45 ms). The same results, bit for bit, in every
- * case measured (spans of 5 to 490). */
+/* exp(x) for x <= 0, or 0 below x = -69 (exp(-69) = 1e-30; loss.py's EXP_CUTOFF). Such a term cannot change a
+ * sum that holds exp(0) = 1 (float32 rounds at 6e-8), but kept, it and its products with the layer's weights
+ * (~0.01) fall below float's normal range (1.2e-38) for the smallest ones, and on Intel CPUs each such subnormal
+ * product costs a slow microcode assist: with 3 rows whose logits spanned 140-330, the pass over Gemma 3's layer
+ * on a 2-core Xeon took 108-242 ms, 2.6-5.8x as long as with this cut-off (41-45 ms). The same results, bit for
+ * bit, in every case measured (spans of 5 to 490). */
 static inline float exp_or_zero(float x)
 {
     return x < -69.0f ? 0.0f : expf(x);
