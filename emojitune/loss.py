@@ -214,19 +214,9 @@ def cpu_frozen_output_loss(h, weight, targets, chunk: int = 2048):
     return _cpu_frozen_output_loss_function().apply(h, weight, targets, chunk)
 
 
-# The online softmax sums below, and output_pass.c's, take no exponent below this: such terms (under 1e-30) cannot
-# change a sum that holds exp(0) = 1, but exp of a logit more than ~87 below the row's largest is a subnormal
-# float (under 1.2e-38), as are its products with the output layer's weights from ~83 below, and Intel CPUs
-# compute those slowly. On a 2-core Xeon, 48 rows whose logits spanned hundreds took 1.4-2.7 s per pass instead of
-# 0.22 (a 2048-row chunk's exp 0.02 -> 0.5-1.1 ms, its product with the weights 0.4 -> 7-12 ms). Here a term below
-# the cut-off becomes exp(-69) (clamping costs ~1 ms per batch-16 pass, a mask to zero ~13); the C kernel drops
-# it.
-EXP_CUTOFF = -69.0
-
-
 def _exp_clamped(x):
-    """exp of x (<= 0) in place, with x first raised to EXP_CUTOFF where it is below."""
-    return x.clamp_min_(EXP_CUTOFF).exp_()
+    """exp of x (<= 0) in place, with x first raised to output_pass.EXP_CUTOFF where it is below (why: there)."""
+    return x.clamp_min_(output_pass.EXP_CUTOFF).exp_()
 
 
 @functools.cache

@@ -15,15 +15,10 @@
 
 enum { BLOCK = 16, MAX_ROWS = 16 };
 
-/* exp(x) for x <= 0, or 0 below x = -69 (exp(-69) = 1e-30; loss.py's EXP_CUTOFF). Such a term cannot change a
- * sum that holds exp(0) = 1 (float32 rounds at 6e-8), but kept, it and its products with the layer's weights
- * (~0.01) fall below float's normal range (1.2e-38) for the smallest ones, and on Intel CPUs each such subnormal
- * product costs a slow microcode assist: with 3 rows whose logits spanned 140-330, the pass over Gemma 3's layer
- * on a 2-core Xeon took 108-242 ms, 2.6-5.8x as long as with this cut-off (41-45 ms). The same results, bit for
- * bit, in every case measured (spans of 5 to 490). */
-static inline float exp_or_zero(float x)
+/* exp(x) for x <= 0, or 0 below the cut-off (output_pass.py's EXP_CUTOFF, -69: see why there). */
+static inline float exp_or_zero(float x, float cutoff)
 {
-    return x < -69.0f ? 0.0f : expf(x);
+    return x < cutoff ? 0.0f : expf(x);
 }
 
 /* The logits of rows [start, start + count) of w for hidden row hr into z[.][r]: four rows of w at a time, so
@@ -59,9 +54,9 @@ static void block_logits(const float *w, const float *hr, int d, int64_t start, 
 
 /* Rows [v0, v1) of w (V x d, row-major) against h (n x d, n <= MAX_ROWS). For each hidden row r: m[r], the
  * largest logit in the range, s[r], the sum of exp(logit - m[r]), and acc[r * d ...], the sum of
- * exp(logit - m[r]) * w[v]. */
-void output_pass(const float *w, const float *h, int n, int d, int64_t v0, int64_t v1, float *m, double *s,
-                 float *acc)
+ * exp(logit - m[r]) * w[v], leaving out the terms whose logit - m[r] is below cutoff. */
+void output_pass(const float *w, const float *h, int n, int d, int64_t v0, int64_t v1, float cutoff, float *m,
+                 double *s, float *acc)
 {
     float z[BLOCK][MAX_ROWS];
     float e[BLOCK];
@@ -82,14 +77,14 @@ void output_pass(const float *w, const float *h, int n, int d, int64_t v0, int64
                 top = z[i][r] > top ? z[i][r] : top;
             float *ar = acc + r * d;
             if (top > m[r]) { /* rescale what was summed against the old maximum (exp(-inf) = 0 at first) */
-                float scale = exp_or_zero(m[r] - top);
+                float scale = exp_or_zero(m[r] - top, cutoff);
                 s[r] *= scale;
                 for (int k = 0; k < d; k++)
                     ar[k] *= scale;
                 m[r] = top;
             }
             for (int i = 0; i < count; i++) {
-                e[i] = exp_or_zero(z[i][r] - top);
+                e[i] = exp_or_zero(z[i][r] - top, cutoff);
                 s[r] += e[i];
             }
             if (count == BLOCK) { /* the block's weighted rows summed first: one pass over acc, not 16 */

@@ -21,6 +21,16 @@ from .cbuild import build
 
 SOURCE = Path(__file__).with_name("output_pass.c")
 MAX_ROWS = 16  # output_pass.c's MAX_ROWS
+# The online softmax sums of the output-layer losses (this kernel's and loss.cpu_frozen_output_loss's) take no
+# exponent below this: such terms (under 1e-30) cannot change a sum that holds exp(0) = 1, but exp of a logit more
+# than ~87 below the row's largest is a subnormal float (under 1.2e-38), as are its products with the layer's
+# weights from ~83 below, and Intel CPUs compute those slowly. On a 2-core Xeon, before the cut-off: this kernel
+# with 3 rows whose logits spanned 140-330 108-242 ms per pass instead of 41-45; the torch pass with 48 rows
+# spanning hundreds 1.4-2.7 s instead of 0.17-0.22 (a 2048-row chunk's exp 0.02 -> 0.5-1.1 ms, its product with
+# the weights 0.4 -> 7-12 ms). The kernel drops such terms; the torch pass raises their exponent to the cut-off
+# (clamping costs ~1 ms per batch-16 pass, a mask to exact zero ~13). The same results, bit for bit, in every case
+# measured (spans of 5 to thousands).
+EXP_CUTOFF = -69.0
 
 
 def available() -> bool:
@@ -79,8 +89,8 @@ def _pass(kernel, h, w, parts: int | None = None):
     weighted = torch.empty(parts, n, d)
 
     def run(i):
-        kernel(w.data_ptr(), h.data_ptr(), n, d, bounds[i], bounds[i + 1], top[i].data_ptr(), total[i].data_ptr(),
-               weighted[i].data_ptr())
+        kernel(w.data_ptr(), h.data_ptr(), n, d, bounds[i], bounds[i + 1], EXP_CUTOFF, top[i].data_ptr(),
+               total[i].data_ptr(), weighted[i].data_ptr())
 
     # Daemon threads, started per call (~0.1 ms against the pass's tens): a pool's idle non-daemon workers
     # would keep console.exit_without_teardown from ending a finished script at once.
@@ -110,7 +120,7 @@ def _kernel():
         return None
     function = lib.output_pass
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                         ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     function.restype = None
     # A vocabulary of several blocks with a partial last one, logits large enough that the maximum moves.
     generator = torch.Generator().manual_seed(0)

@@ -186,7 +186,7 @@ def test_output_pass_kernel_gives_cross_entropy_and_its_gradient_in_one_read(out
     """output_pass's C kernel (built where a compiler is on the PATH; not with CC naming none): the loss and
     hidden-state gradient of F.cross_entropy on the full logits, for 1 to 16 rows, whether the vocabulary is
     passed over in one part or in several (one per thread) that are merged. With spread 30 each row's logits
-    span thousands, so most of its exponentials fall below the kernel's cut-off to zero (exp_or_zero)."""
+    span thousands, so most of its exponents fall below output_pass.EXP_CUTOFF."""
     import threading
 
     import torch
@@ -224,7 +224,7 @@ def test_output_pass_kernel_gives_cross_entropy_and_its_gradient_in_one_read(out
 def test_one_pass_output_loss_matches_log_softmax_with_gradients(rows, spread):
     """Training's one-pass cross-entropy (online softmax over vocabulary chunks, the last one partial)
     gives the loss and input gradient of F.cross_entropy on the full logits. With spread 30 each row's logits
-    span thousands: most exponents fall below loss.EXP_CUTOFF."""
+    span thousands: most exponents fall below output_pass.EXP_CUTOFF."""
     import torch
     import torch.nn.functional as F
 
