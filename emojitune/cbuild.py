@@ -1,4 +1,4 @@
-"""This package's C kernels (dropout_mask.c, output_pass.c), built when first needed with the machine's C
+"""This package's C kernels (dropout_mask.c, output_pass.c, rms_norm.c), built when first needed with the machine's C
 compiler into a temporary folder that is removed once the library is loaded: nothing is downloaded, cached
 or written elsewhere. The caller checks a kernel's results against PyTorch's before using it, and keeps
 PyTorch's own way where there is no compiler or the check fails."""

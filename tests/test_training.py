@@ -334,6 +334,74 @@ def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_mo
     assert torch.equal(fused_rng, plain_rng)  # as many random numbers drawn: the next masks match too
 
 
+def test_fused_norms_give_the_numbers_of_transformers_own(tiny_model):
+    """fused_norm routes every Gemma 3 RMSNorm of the model through its kernel, and a training loss and its
+    gradients are the ones transformers' own layers give, to float rounding."""
+    import torch
+
+    from emojitune import fused_lora, fused_norm
+    from emojitune.chat import collate, encode, pad_id
+    from emojitune.data import Record
+
+    records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
+    results = []
+    for fused in (False, True):
+        lm = tiny_lora(tiny_model, dropout=0.0, training=True)
+        fused_lora.install(lm.model)
+        routed = fused_norm.install(lm.model) if fused else 0
+        ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
+        params = [p for p in lm.model.parameters() if p.requires_grad]
+        loss = lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        results.append((routed, loss.item(), torch.autograd.grad(loss, params)))
+    (_, plain_loss, plain_grad), (routed, fused_loss, fused_grad) = results
+    # the tiny model's 2 decoder layers x (4 around attention and the MLP + queries' + keys') + the final norm
+    assert routed == (2 * 6 + 1 if c_compiler_on_path() else 0)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    for a, b in zip(fused_grad, plain_grad):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_fused_norm_takes_the_layers_own_way_where_the_kernel_does_not_apply(tiny_model, monkeypatch):
+    """The kernel normalizes contiguous inputs and the attention's per-head views of the queries (rows of the
+    last dimension in one block of memory), with an output gradient in any layout; a strided last dimension,
+    float64 and a trained norm weight run transformers' own layer, with the same results; without a C compiler
+    nothing is routed."""
+    import torch
+
+    from emojitune import fused_norm
+    from emojitune.modeling import load_model
+
+    if not c_compiler_on_path():
+        pytest.skip("no C compiler here: nothing is routed (checked below)")
+    norm = load_model(str(tiny_model), "cpu", training=True).model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.5)
+    norm.weight.requires_grad_(False)
+    d = norm.weight.shape[0]
+    assert fused_norm.install(norm) == 1
+    torch.manual_seed(0)
+    cases = [(torch.randn(2, 5, d), "Fused"), (torch.randn(2, 5, 3, d).transpose(1, 2), "Fused"),
+             (torch.randn(2, 5, 2 * d)[..., ::2], "Mul"), (torch.randn(2, 5, d, dtype=torch.float64), "ToCopy")]
+    for x, path in cases:
+        x.requires_grad_(True)
+        y = norm(x)
+        assert type(y.grad_fn).__name__.startswith(path), (x.stride(), y.grad_fn)
+        grad_y = torch.randn(y.shape[::-1], dtype=y.dtype).permute(*reversed(range(y.dim())))  # another layout
+        expected = type(norm).forward(norm, x)
+        assert torch.allclose(y, expected, atol=1e-6, rtol=1e-5)
+        assert torch.allclose(torch.autograd.grad(y, x, grad_y)[0], torch.autograd.grad(expected, x, grad_y)[0],
+                              atol=1e-5, rtol=1e-5)
+    norm.weight.requires_grad_(True)
+    y = norm(torch.randn(2, 5, d))
+    assert type(y.grad_fn).__name__.startswith("Mul")  # transformers' layer: its weight gets a gradient
+    fused_norm._kernel.cache_clear()
+    monkeypatch.setenv("CC", "no-such-compiler")
+    try:
+        assert fused_norm.install(norm) == 0
+    finally:
+        fused_norm._kernel.cache_clear()
+
+
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.01])
 def test_a_training_step_clips_the_gradient_of_every_trainable_tensor(tiny_model, max_grad_norm):
     """--max-grad-norm: the optimizer steps with the LoRA gradients scaled to that total norm (0: as they
