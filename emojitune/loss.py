@@ -10,7 +10,7 @@ forward + masked cross-entropy (tests/test_model.py checks it against `model(...
 
 import functools
 
-from . import fused_lora, fused_norm, output_pass
+from . import fused_attention, fused_lora, fused_norm, output_pass
 from .chat import IGNORE
 from .matmul import intel_cpu, mm_t, uses_onednn
 
@@ -156,12 +156,13 @@ def causal_lm_of(model):
 def answer_loss_module(model):
     """The model as a module whose forward returns the summed answer-token loss of a batch. Training
     calls it, not the decoder directly, so that DDP sees the forward pass (its gradient sync needs it).
-    On CPU its LoRA layers and Gemma 3's RMSNorms run through the speed paths of fused_lora and fused_norm
-    (same numbers up to float rounding)."""
+    On CPU its LoRA layers and Gemma 3's RMSNorms and attention run through the speed paths of fused_lora,
+    fused_norm and fused_attention (same numbers up to float rounding)."""
     import torch
 
     fused_lora.install(model)
     fused_norm.install(model)
+    fused_attention.install(model)
 
     class AnswerLoss(torch.nn.Module):
         def __init__(self, model):

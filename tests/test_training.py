@@ -402,6 +402,45 @@ def test_a_fused_norm_takes_the_layers_own_way_where_the_kernel_does_not_apply(t
         fused_norm._kernel.cache_clear()
 
 
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.1])
+def test_fused_attention_gives_the_numbers_of_transformers_own(tiny_model, attention_dropout):
+    """fused_attention routes every Gemma 3 attention layer, and a training loss and its gradients are the ones
+    transformers' own layers give, to float rounding: a padded batch whose prompts are longer than the tiny
+    model's sliding window (16 positions), so both kinds of mask are used. With attention dropout (which the
+    fused function does not draw) the layers take their own forward, the same masks drawn."""
+    import torch
+
+    from emojitune import fused_attention, fused_lora, fused_norm
+    from emojitune.chat import collate, encode, pad_id
+    from emojitune.data import Record
+
+    records = [Record(SYSTEM, "今日は最高の一日だった、ありがとう", "😀"), Record(None, "泣いた", "☹️"),
+               Record(SYSTEM, "怖い", "😨")]
+    results = []
+    for fused in (False, True):
+        lm = tiny_lora(tiny_model, dropout=0.0, training=True)
+        lm.model.config.attention_dropout = attention_dropout
+        for module in lm.model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = attention_dropout  # read from the config when the layer was built
+        fused_lora.install(lm.model)
+        fused_norm.install(lm.model)
+        routed = fused_attention.install(lm.model) if fused else 0
+        ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
+        assert ids.shape[1] > 16 and (mask == 0).any()
+        params = [p for p in lm.model.parameters() if p.requires_grad]
+        torch.manual_seed(1)
+        # without a KV cache, as training runs the decoder (with one the layers take their own forward)
+        loss = lm.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        results.append((routed, loss.item(), torch.autograd.grad(loss, params), torch.rand(3)))
+    (_, plain_loss, plain_grad, plain_rng), (routed, fused_loss, fused_grad, fused_rng) = results
+    assert routed == 2  # the tiny model's decoder layers
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    for a, b in zip(fused_grad, plain_grad):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert torch.equal(fused_rng, plain_rng)
+
+
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.01])
 def test_a_training_step_clips_the_gradient_of_every_trainable_tensor(tiny_model, max_grad_norm):
     """--max-grad-norm: the optimizer steps with the LoRA gradients scaled to that total norm (0: as they
