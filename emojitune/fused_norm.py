@@ -42,29 +42,43 @@ def install(model) -> int:
 def _forward(norm, x):
     import torch
 
+    layout = _row_layout(x)
     if (x.dtype != torch.float32 or x.device.type != "cpu" or norm.weight.requires_grad
-            or norm.weight.dtype != torch.float32 or not _rows_in_memory(x)):
+            or norm.weight.dtype != torch.float32 or layout is None):
         return type(norm).forward(norm, x)
     scale = getattr(norm, "_fused_scale", None)
     if scale is None or scale[0] != norm.weight._version:
         # (1 + w) as transformers computes it, once: made again if the weight is changed in place
         scale = norm._fused_scale = (norm.weight._version, (1.0 + norm.weight.detach()).contiguous())
-    return _function().apply(x, scale[1], norm.eps)
+    return _function().apply(x, scale[1], norm.eps, layout)
 
 
-def _rows_in_memory(x) -> bool:
-    """x's elements fill one block of memory with each row of the last dimension contiguous: x is contiguous, or
-    a permutation of a contiguous tensor that keeps the last dimension last (Gemma 3 normalizes its queries and
-    keys as [batch, heads, positions, head_dim] views of [batch, positions, heads x head_dim]). The kernel then
-    takes the block as rows in memory order, and empty_like(x) lays out the result the same way."""
+def _row_layout(x):
+    """Where x's rows (of its last dimension, each contiguous) lie: ((outer, outer stride), (inner, inner stride),
+    strides of a dense tensor of x's shape holding the rows in that order), or None where it takes more than two
+    levels. A contiguous x is one level; the attention's queries, viewed [batch, heads, positions, head_dim] in
+    the fused q/k/v product's [positions, 1,536] output (fused_lora.py), are positions at a stride of 1,536 and
+    heads at 256 within each."""
     if x.dim() == 0 or x.shape[-1] < 2 or x.stride(-1) != 1:
-        return False
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(x.stride(), x.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+        return None
+    dims = sorted((i for i in range(x.dim() - 1) if x.shape[i] != 1), key=lambda i: -x.stride(i))
+    levels = []
+    for i in dims:  # dimensions whose strides nest, as [positions, heads x head_dim]'s do, make one level
+        if levels and levels[-1][1] == x.stride(i) * x.shape[i]:
+            levels[-1] = (levels[-1][0] * x.shape[i], x.stride(i))
+        else:
+            levels.append((x.shape[i], x.stride(i)))
+    if len(levels) > 2:
+        return None
+    levels += [(1, 0)] * (2 - len(levels))
+    strides, running = [1] * x.dim(), x.shape[-1]
+    for i in reversed(dims):
+        strides[i] = running
+        running *= x.shape[i]
+    for i in range(x.dim() - 1):
+        if x.shape[i] == 1:
+            strides[i] = running
+    return levels[0], levels[1], tuple(strides)
 
 
 @functools.cache
@@ -74,13 +88,15 @@ def _function():
 
     class FusedRmsNorm(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, scale, eps):
+        def forward(ctx, x, scale, eps, layout):
             forward_kernel, _ = _kernel()
-            d = x.shape[-1]
-            y = torch.empty_like(x)
-            r = x.new_empty(x.numel() // d)
-            forward_kernel(x.data_ptr(), scale.data_ptr(), r.numel(), d, eps, y.data_ptr(), r.data_ptr())
+            (outer, outer_stride), (inner, inner_stride), strides = layout
+            y = torch.empty_strided(x.shape, strides)
+            r = x.new_empty(outer * inner)
+            forward_kernel(x.data_ptr(), outer, outer_stride, inner, inner_stride, x.shape[-1], scale.data_ptr(),
+                           eps, y.data_ptr(), r.data_ptr())
             ctx.save_for_backward(x, scale, r)
+            ctx.layout = layout
             return y
 
         @staticmethod
@@ -88,12 +104,14 @@ def _function():
         def backward(ctx, grad_y):
             _, backward_kernel = _kernel()
             x, scale, r = ctx.saved_tensors
-            if grad_y.stride() != x.stride():
-                grad_y = torch.empty_like(x).copy_(grad_y)  # the kernel reads it row by row, as x
-            grad_x = torch.empty_like(x)
-            backward_kernel(x.data_ptr(), scale.data_ptr(), r.data_ptr(), grad_y.data_ptr(), r.numel(),
-                            x.shape[-1], grad_x.data_ptr())
-            return grad_x, None, None
+            (outer, outer_stride), (inner, inner_stride), strides = ctx.layout
+            if grad_y.stride() != strides:
+                # the kernel reads it as contiguous rows in y's order
+                grad_y = torch.empty_strided(x.shape, strides).copy_(grad_y)
+            grad_x = torch.empty_strided(x.shape, strides)
+            backward_kernel(x.data_ptr(), outer, outer_stride, inner, inner_stride, x.shape[-1], scale.data_ptr(),
+                            r.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr())
+            return grad_x, None, None, None
 
     return FusedRmsNorm
 
@@ -121,10 +139,10 @@ def _kernel():
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     forward, backward = lib.rms_norm_forward, lib.rms_norm_backward
-    forward.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer, pointer]
-    backward.argtypes = [pointer, pointer, pointer, pointer, size, size, pointer]
+    forward.argtypes = [pointer, size, size, size, size, size, pointer, ctypes.c_float, pointer, pointer]
+    backward.argtypes = [pointer, size, size, size, size, size, pointer, pointer, pointer, pointer]
     forward.restype = backward.restype = None
-    # A contiguous input and the [batch, heads, positions, head_dim] view the attention normalizes.
+    # A contiguous input, and queries viewed [batch, heads, positions, head_dim] in a wider product's output.
     generator = torch.Generator().manual_seed(0)
     norm = norm_class(96, eps=1e-6)
     with torch.no_grad():
@@ -133,16 +151,19 @@ def _kernel():
     scale = 1.0 + norm.weight
     same = True
     for x in (torch.randn(3, 5, 96, generator=generator) * 4,
-              torch.randn(2, 7, 3, 96, generator=generator).transpose(1, 2)):
+              torch.randn(2, 7, 5 * 96, generator=generator)[..., :3 * 96].view(2, 7, 3, 96).transpose(1, 2)):
         grad_y = torch.randn(x.shape, generator=generator)
         x.requires_grad_(True)
         expected = norm_class.forward(norm, x)
         (expected_grad,) = torch.autograd.grad(expected, x, grad_y)
         x = x.detach()
-        y, grad_x, grad_rows = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x).copy_(grad_y)
-        r = torch.empty(x.numel() // 96)
-        forward(x.data_ptr(), scale.data_ptr(), r.numel(), 96, norm.eps, y.data_ptr(), r.data_ptr())
-        backward(x.data_ptr(), scale.data_ptr(), r.data_ptr(), grad_rows.data_ptr(), r.numel(), 96,
-                 grad_x.data_ptr())
+        (outer, outer_stride), (inner, inner_stride), strides = _row_layout(x)
+        y, grad_x = torch.empty_strided(x.shape, strides), torch.empty_strided(x.shape, strides)
+        grad_rows = torch.empty_strided(x.shape, strides).copy_(grad_y)
+        r = torch.empty(outer * inner)
+        forward(x.data_ptr(), outer, outer_stride, inner, inner_stride, 96, scale.data_ptr(), norm.eps,
+                y.data_ptr(), r.data_ptr())
+        backward(x.data_ptr(), outer, outer_stride, inner, inner_stride, 96, scale.data_ptr(), r.data_ptr(),
+                 grad_rows.data_ptr(), grad_x.data_ptr())
         same = same and torch.allclose(y, expected, atol=1e-5) and torch.allclose(grad_x, expected_grad, atol=1e-5)
     return (forward, backward) if same else None

@@ -349,6 +349,11 @@ def test_fused_norms_give_the_numbers_of_transformers_own(tiny_model):
         lm = tiny_lora(tiny_model, dropout=0.0, training=True)
         fused_lora.install(lm.model)
         routed = fused_norm.install(lm.model) if fused else 0
+        paths = []
+        for name, module in lm.model.named_modules():
+            if type(module).__name__ == "Gemma3RMSNorm":
+                module.register_forward_hook(lambda m, args, out, name=name: paths.append(
+                    (name.split(".")[-1], type(out.grad_fn).__name__)))
         ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
         params = [p for p in lm.model.parameters() if p.requires_grad]
         loss = lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -356,16 +361,20 @@ def test_fused_norms_give_the_numbers_of_transformers_own(tiny_model):
     (_, plain_loss, plain_grad), (routed, fused_loss, fused_grad) = results
     # the tiny model's 2 decoder layers x (4 around attention and the MLP + queries' + keys') + the final norm
     assert routed == (2 * 6 + 1 if c_compiler_on_path() else 0)
+    if routed:  # every one through the kernel, the queries and keys (views in the q/k/v product's output) too;
+        # the first norm reads the frozen embeddings: its output needs no gradient
+        assert paths[0] == ("input_layernorm", "NoneType")
+        assert len(paths) == 13 and all(path == "FusedRmsNormBackward" for _, path in paths[1:]), paths
     assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
     for a, b in zip(fused_grad, plain_grad):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_a_fused_norm_takes_the_layers_own_way_where_the_kernel_does_not_apply(tiny_model, monkeypatch):
-    """The kernel normalizes contiguous inputs and the attention's per-head views of the queries (rows of the
-    last dimension in one block of memory), with an output gradient in any layout; a strided last dimension,
-    float64 and a trained norm weight run transformers' own layer, with the same results; without a C compiler
-    nothing is routed."""
+    """The kernel normalizes contiguous inputs and the attention's per-head views of the queries inside the
+    fused q/k/v product's output (rows at two levels of strides), with an output gradient in any layout; a
+    strided last dimension, rows at more than two levels, float64 and a trained norm weight run transformers'
+    own layer, with the same results; without a C compiler nothing is routed."""
     import torch
 
     from emojitune import fused_norm
@@ -381,7 +390,9 @@ def test_a_fused_norm_takes_the_layers_own_way_where_the_kernel_does_not_apply(t
     assert fused_norm.install(norm) == 1
     torch.manual_seed(0)
     cases = [(torch.randn(2, 5, d), "Fused"), (torch.randn(2, 5, 3, d).transpose(1, 2), "Fused"),
-             (torch.randn(2, 5, 2 * d)[..., ::2], "Mul"), (torch.randn(2, 5, d, dtype=torch.float64), "ToCopy")]
+             (torch.randn(2, 5, 5 * d)[..., :3 * d].view(2, 5, 3, d).transpose(1, 2), "Fused"),
+             (torch.randn(2, 5, 2 * d)[..., ::2], "Mul"), (torch.randn(2, 3, 3, 3, 2 * d)[:, :2, :2, :2, :d], "Mul"),
+             (torch.randn(2, 5, d, dtype=torch.float64), "ToCopy")]
     for x, path in cases:
         x.requires_grad_(True)
         y = norm(x)
