@@ -81,6 +81,31 @@ def _row_layout(x):
     return levels[0], levels[1], tuple(strides)
 
 
+def _normalize(forward_kernel, x, scale, eps, layout):
+    """(y, r): the norm of x's rows laid out as _row_layout says, and each row's 1 / rms for the backward."""
+    import torch
+
+    (outer, outer_stride), (inner, inner_stride), strides = layout
+    y = torch.empty_strided(x.shape, strides)
+    r = x.new_empty(outer * inner)
+    forward_kernel(x.data_ptr(), outer, outer_stride, inner, inner_stride, x.shape[-1], scale.data_ptr(), eps,
+                   y.data_ptr(), r.data_ptr())
+    return y, r
+
+
+def _input_gradient(backward_kernel, x, scale, r, grad_y, layout):
+    """x's gradient for the output gradient grad_y (any layout), from _normalize's r."""
+    import torch
+
+    (outer, outer_stride), (inner, inner_stride), strides = layout
+    if grad_y.stride() != strides:
+        grad_y = torch.empty_strided(x.shape, strides).copy_(grad_y)  # the kernel reads rows in y's order
+    grad_x = torch.empty_strided(x.shape, strides)
+    backward_kernel(x.data_ptr(), outer, outer_stride, inner, inner_stride, x.shape[-1], scale.data_ptr(),
+                    r.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr())
+    return grad_x
+
+
 @functools.cache
 def _function():
     import torch
@@ -89,12 +114,7 @@ def _function():
     class FusedRmsNorm(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, scale, eps, layout):
-            forward_kernel, _ = _kernel()
-            (outer, outer_stride), (inner, inner_stride), strides = layout
-            y = torch.empty_strided(x.shape, strides)
-            r = x.new_empty(outer * inner)
-            forward_kernel(x.data_ptr(), outer, outer_stride, inner, inner_stride, x.shape[-1], scale.data_ptr(),
-                           eps, y.data_ptr(), r.data_ptr())
+            y, r = _normalize(_kernel()[0], x, scale, eps, layout)
             ctx.save_for_backward(x, scale, r)
             ctx.layout = layout
             return y
@@ -102,16 +122,8 @@ def _function():
         @staticmethod
         @once_differentiable
         def backward(ctx, grad_y):
-            _, backward_kernel = _kernel()
             x, scale, r = ctx.saved_tensors
-            (outer, outer_stride), (inner, inner_stride), strides = ctx.layout
-            if grad_y.stride() != strides:
-                # the kernel reads it as contiguous rows in y's order
-                grad_y = torch.empty_strided(x.shape, strides).copy_(grad_y)
-            grad_x = torch.empty_strided(x.shape, strides)
-            backward_kernel(x.data_ptr(), outer, outer_stride, inner, inner_stride, x.shape[-1], scale.data_ptr(),
-                            r.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr())
-            return grad_x, None, None, None
+            return _input_gradient(_kernel()[1], x, scale, r, grad_y, ctx.layout), None, None, None
 
     return FusedRmsNorm
 
@@ -156,14 +168,8 @@ def _kernel():
         x.requires_grad_(True)
         expected = norm_class.forward(norm, x)
         (expected_grad,) = torch.autograd.grad(expected, x, grad_y)
-        x = x.detach()
-        (outer, outer_stride), (inner, inner_stride), strides = _row_layout(x)
-        y, grad_x = torch.empty_strided(x.shape, strides), torch.empty_strided(x.shape, strides)
-        grad_rows = torch.empty_strided(x.shape, strides).copy_(grad_y)
-        r = torch.empty(outer * inner)
-        forward(x.data_ptr(), outer, outer_stride, inner, inner_stride, 96, scale.data_ptr(), norm.eps,
-                y.data_ptr(), r.data_ptr())
-        backward(x.data_ptr(), outer, outer_stride, inner, inner_stride, 96, scale.data_ptr(), r.data_ptr(),
-                 grad_rows.data_ptr(), grad_x.data_ptr())
+        x, layout = x.detach(), _row_layout(x)
+        y, r = _normalize(forward, x, scale, norm.eps, layout)
+        grad_x = _input_gradient(backward, x, scale, r, grad_y, layout)
         same = same and torch.allclose(y, expected, atol=1e-5) and torch.allclose(grad_x, expected_grad, atol=1e-5)
     return (forward, backward) if same else None
