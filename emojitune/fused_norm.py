@@ -8,7 +8,7 @@ the passes. Here a layer is one autograd function. Alone, on a 2-core Intel Xeon
 forward and backward 162 -> 65 us, 16 x 55 x 640 2.5 -> 0.6 ms. The frozen weight's (1 + w) is computed once,
 not per call. Same mathematics, sums in another order: float32 rounding.
 
-Built when first needed (cbuild.py) and used only after a check against transformers' own layer, forward and
+Built by cbuild.py (03 starts the build while it imports the libraries) and used only after a check against transformers' own layer, forward and
 backward; without a compiler, or where the check fails, the layers run as they are. Only for float32 tensors on
 CPU with the norm's weight frozen (LoRA trains none); other calls take the layer's own forward.
 """
@@ -16,9 +16,10 @@ CPU with the norm's weight frozen (LoRA trains none); other calls take the layer
 import functools
 from pathlib import Path
 
-from .cbuild import build
+from .cbuild import build, start
 
 SOURCE = Path(__file__).with_name("rms_norm.c")
+FLAGS = ("-fopenmp-simd",)  # the sums' vector reduction (no OpenMP runtime)
 
 
 def install(model) -> int:
@@ -137,6 +138,12 @@ def _gemma3_norm_class():
     return Gemma3RMSNorm
 
 
+def start_build() -> None:
+    """Start compiling the kernel in the background (cbuild.start), unless this process has it already."""
+    if not _kernel.cache_info().currsize:
+        start(SOURCE, FLAGS)
+
+
 @functools.cache
 def _kernel():
     """The compiled kernel's (forward, backward) functions, or None where they cannot be built or do not give
@@ -146,7 +153,7 @@ def _kernel():
     import torch
 
     norm_class = _gemma3_norm_class()
-    lib = build(SOURCE, flags=("-fopenmp-simd",))  # the sums' vector reduction (no OpenMP runtime)
+    lib = build(SOURCE, FLAGS)
     if norm_class is None or lib is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64

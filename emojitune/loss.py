@@ -10,7 +10,7 @@ forward + masked cross-entropy (tests/test_model.py checks it against `model(...
 
 import functools
 
-from . import fused_attention, fused_lora, fused_norm, output_pass
+from . import dropout_masks, fused_attention, fused_lora, fused_norm, output_pass
 from .chat import IGNORE
 from .matmul import intel_cpu, mm_t, uses_onednn
 
@@ -151,6 +151,17 @@ def transposed_copy(w, block: int = 1024):
 def causal_lm_of(model):
     """The transformers causal LM inside a PEFT wrapper (LoRA layers stay injected in it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def start_kernel_builds(batch_size: int, dropout: bool) -> None:
+    """Start compiling the C kernels CPU training will use (cbuild.start): the RMSNorm's; the output pass's where a
+    batch can have fewer answer rows than ONE_PASS_MIN_ROWS (each tweet has at least one; a larger batch's smaller
+    last one builds it when it comes); with LoRA dropout, the masks'. Each is checked where it is first used."""
+    fused_norm.start_build()
+    if batch_size < ONE_PASS_MIN_ROWS:
+        output_pass.start_build()
+    if dropout:
+        dropout_masks.start_build()
 
 
 def answer_loss_module(model):

@@ -9,7 +9,7 @@ softmax of loss.cpu_frozen_output_loss); the cross-entropy and its gradient foll
 passes over its own part of the vocabulary (ctypes lets go of the GIL during the call), and the parts are
 merged. The same quantities as log_softmax + nll, summed in another order: float32 rounding.
 
-Built when first needed (cbuild.py) and used only after a check against F.cross_entropy's loss and gradient;
+Built by cbuild.py (03 starts the build while it imports the libraries) and used only after a check against F.cross_entropy's loss and gradient;
 without a compiler, or where the check fails, loss.py keeps its two passes.
 """
 
@@ -17,9 +17,10 @@ import functools
 import threading
 from pathlib import Path
 
-from .cbuild import build
+from .cbuild import build, start
 
 SOURCE = Path(__file__).with_name("output_pass.c")
+FLAGS = ("-fopenmp-simd",)  # the dot products' vector reduction (no OpenMP runtime)
 MAX_ROWS = 16  # output_pass.c's MAX_ROWS
 # The online softmax sums of the output-layer losses (this kernel's and loss.cpu_frozen_output_loss's) take no
 # exponent below this: such terms (under 1e-30) cannot change a sum that holds exp(0) = 1, but exp of a logit more
@@ -107,6 +108,12 @@ def _pass(kernel, h, w, parts: int | None = None):
     return overall, total.float(), weighted
 
 
+def start_build() -> None:
+    """Start compiling the kernel in the background (cbuild.start), unless this process has it already."""
+    if not _kernel.cache_info().currsize:
+        start(SOURCE, FLAGS)
+
+
 @functools.cache
 def _kernel():
     """The compiled kernel's function, or None where it cannot be built or does not give torch's numbers."""
@@ -115,7 +122,7 @@ def _kernel():
     import torch
     import torch.nn.functional as F
 
-    lib = build(SOURCE, flags=("-fopenmp-simd",))  # the dot products' vector reduction (no OpenMP runtime)
+    lib = build(SOURCE, FLAGS)
     if lib is None:
         return None
     function = lib.output_pass

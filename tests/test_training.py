@@ -413,6 +413,52 @@ def test_a_fused_norm_takes_the_layers_own_way_where_the_kernel_does_not_apply(t
         fused_norm._kernel.cache_clear()
 
 
+@pytest.mark.skipif(not c_compiler_on_path(), reason="no C compiler on the PATH")
+def test_training_on_cpu_compiles_each_kernel_once_before_the_model_loads(tmp_path, tiny_model, monkeypatch):
+    """Training on CPU starts its C kernels' builds (cbuild.start) before transformers is imported and the model
+    loaded, so the compiler runs beside those, and each kernel's first use takes its started build: every
+    source is compiled once, and before the model loads. A build started under other compiler settings is not
+    taken."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    from emojitune import cbuild, dropout_masks, fused_norm, output_pass, training
+    from emojitune.checkpoints import CheckpointDir
+    from emojitune.data import prepare
+    from emojitune.split import split
+
+    real = next(shutil.which(c[0]) for c in cbuild.compilers() if shutil.which(c[0]))
+    log = tmp_path / "compiles.log"
+    wrapper = tmp_path / "logging-cc"
+    wrapper.write_text(f'#!/bin/sh\necho "$(date +%s.%N) $*" >> {log}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    kernels = (dropout_masks._kernel, fused_norm._kernel, output_pass._kernel)
+    for kernel in kernels:
+        kernel.cache_clear()
+    monkeypatch.setenv("CC", str(wrapper))
+    loads = []
+    real_load = training.load_model
+    monkeypatch.setattr(training, "load_model", lambda *a, **k: loads.append(time.time()) or real_load(*a, **k))
+    try:
+        cp = CheckpointDir(tmp_path / "run")
+        prepare(shipped_subset(tmp_path / "s.json", 12), cp)
+        split(cp)
+        training.train(cp, training.TrainSettings(model=str(tiny_model), epochs=1, device="cpu"))
+        assert all(kernel() is not None for kernel in kernels)
+        compiles = [line.split() for line in log.read_text().splitlines()]
+        sources = sorted(Path(args[-2]).name for _, *args in compiles)
+        assert sources == ["dropout_mask.c", "output_pass.c", "rms_norm.c"], compiles
+        assert max(float(at) for at, *_ in compiles) < loads[0]
+
+        cbuild.start(dropout_masks.SOURCE)  # with the logging compiler
+        monkeypatch.setenv("CC", "no-such-compiler")
+        assert cbuild.build(dropout_masks.SOURCE) is None
+    finally:
+        for kernel in kernels:
+            kernel.cache_clear()  # built again with the real environment by the next user
+
+
 @pytest.mark.parametrize("attention_dropout", [0.0, 0.1])
 def test_fused_attention_gives_the_numbers_of_transformers_own(tiny_model, attention_dropout):
     """fused_attention routes every Gemma 3 attention layer, and a training loss and its gradients are the ones
