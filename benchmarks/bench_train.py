@@ -14,7 +14,11 @@ The machines this was developed on drift by 10-50% within minutes, so the config
 original, every configuration, ..., original. Each timing of a configuration is compared with the mean of the
 original's timings just before and just after its round (a drift that is linear over a round cancels), and a
 configuration's speed-up is the mean of its rounds' speed-ups; its seconds are the mean of its rounds'. The
-same holds for whole processes. Every timing is printed, so a drift shows. Where Python may not write bytecode
+same holds for whole processes. Every timing is printed, so a drift shows. Whole processes are timed first,
+before this process trains anything: later it holds the memory of the in-process configurations (~6 GB,
+kept by glibc as 03 asks), and on the 2-core VM where this was found a 03 child then ran 40% slower
+(`--batch-size 16` 14.4 -> 20.6 s, in turn; its kernel time 2 -> 13 s for the same page faults), the original
+recipe not (55.3 vs 55.9 s). A user's 03 starts from a shell, which holds nothing. Where Python may not write bytecode
 (PYTHONDONTWRITEBYTECODE) and the libraries have none compiled, --whole-process stops and says how to compile
 it: otherwise every timed process would spend seconds compiling them, which users pay only once.
 
@@ -515,6 +519,10 @@ def main():
     if args.multi_turn is not None:
         multi_turn_table(model_path, train, args.samples, args.multi_turn, peak)
         return
+    whole = None
+    if args.whole_process:  # first, while this process holds little memory: see the docstring
+        with tempfile.TemporaryDirectory() as tmp:
+            whole = whole_process(model_path, train, val, Path(tmp), args.rounds)
     train_path = None if args.skip_trl else _write_train(train)
     gflop, memory = {}, {}  # per configuration: useful GFLOP per sample, peak memory (largest of its rounds)
 
@@ -570,9 +578,8 @@ def main():
     print_eval_cost([default], [eval_s], configs[0][1], len(train), n_val)
     print(f"06 answer latency, one tweet, greedy, prompt + 3 new tokens: {answer_s:.3f} s (median of 5)")
     print(f"06 --labels-only / --top, one tweet scored against {n_labels} labels: {top_s:.3f} s (median of 3)")
-    if args.whole_process:
-        with tempfile.TemporaryDirectory() as tmp:
-            originals, results = whole_process(model_path, train, val, Path(tmp), args.rounds)
+    if whole:
+        originals, results = whole
         print()
         print(f"original recipe, whole process, in the order timed: {', '.join(f'{s:.1f} s' for s in originals)}; "
               f"each run is compared with the mean of the two around its round")

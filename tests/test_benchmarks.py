@@ -51,3 +51,31 @@ def test_whole_process_run_stops_in_one_line_without_bytecode(tmp_path):
     named = re.search(r"\) and (.+) (?:has|have) none compiled", result.stderr)
     assert named and "trl" in named.group(1).split(", ")
     assert not (tmp_path / "never-built").exists()
+
+
+def test_whole_processes_are_timed_before_this_process_trains(tmp_path, monkeypatch, capsys):
+    """--whole-process times the 03 processes before the in-process configurations, whose memory the benchmark
+    keeps (a 03 child ran 40% slower beside it), and still prints their table last."""
+    calls = []
+    monkeypatch.setattr(bench_train, "build_model", lambda path: path)
+    monkeypatch.setattr(bench_train, "matmul_peak_gflops", lambda device: 100.0)
+    monkeypatch.setattr(bench_train, "uncompiled_libraries", lambda: [])
+
+    def whole(*args):
+        calls.append("whole")
+        return [60.0, 60.0], {"03 default, whole process": [(20.0, 3.0)]}
+
+    def ours(model, records, batch_size, dropout, samples):
+        calls.append(f"ours b{batch_size}")
+        return 0.5, 10.0, 1.0
+
+    monkeypatch.setattr(bench_train, "whole_process", whole)
+    monkeypatch.setattr(bench_train, "time_ours", ours)
+    monkeypatch.setattr(bench_train, "time_eval_and_answer",
+                        lambda *a: calls.append("eval") or (3.0, 0.2, 0.4, 50, 25))
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--whole-process", "--skip-trl", "--rounds", "1",
+                                      "--model-dir", str(tmp_path)])
+    bench_train.main()
+    assert calls == ["whole", "ours b1", "ours b8", "ours b16", "ours b16", "eval"]
+    printed = capsys.readouterr().out
+    assert printed.rstrip().endswith("| 03 default, whole process | 20.0 | 3.00x | 20.0 s 3.00x |")
