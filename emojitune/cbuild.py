@@ -5,7 +5,7 @@ is no compiler or the check fails.
 
 A build can be started early (start()) in a thread of its own: the compiler, a process of its own, then runs on
 another core while this one does other work. 03 starts its kernels' builds before it imports transformers and
-PEFT (~3 s on one core of a 2-core machine), which hides the ~0.55 s the three builds took one after the other
+PEFT (~2.3 s on one core of a 2-core machine), which hides the ~0.55 s the three builds took one after the other
 in its first training step."""
 
 import threading

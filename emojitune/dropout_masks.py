@@ -8,12 +8,13 @@ the ~0.21 s a sample took. The kernel reads torch's generator state (torch.get_r
 numbers, writes x * mask in the same pass, and hands the advanced state back (torch.set_rng_state): the run
 is the run torch's own draws would give, bit for bit, and the next random numbers drawn are the same too.
 
-It is compiled by cbuild.py (03 starts the build while it imports the libraries) with the machine's C compiler ($CC, else cc, gcc or clang; 0.13 s here, into a
-temporary folder that is removed), and used only after a test draw has given torch's mask and left torch's
-generator in the same state as torch's own draw. Where there is no compiler, or the check fails (a PyTorch
-that draws these masks another way, as builds that use MKL's generator on Intel CPUs do; one whose generator
-state is laid out otherwise), torch draws the masks as before: the same numbers, at the old speed. (The
-PyTorch 2.15 wheel on an Intel Xeon draws them one by one, and the kernel runs there.)
+It is compiled by cbuild.py (03 starts the build while it imports the libraries) with the machine's C compiler
+($CC, else cc, gcc or clang; 0.13-0.15 s here, into a temporary folder that is removed), and used only after a
+test draw has given torch's mask and left torch's generator in the same state as torch's own draw. Where there
+is no compiler, or the check fails (a PyTorch that draws these masks another way, as builds that use MKL's
+generator on Intel CPUs do; one whose generator state is laid out otherwise), torch draws the masks as before:
+the same numbers, at the old speed. (The PyTorch 2.15 wheel on an Intel Xeon draws them one by one, and the
+kernel runs there.)
 """
 
 import functools

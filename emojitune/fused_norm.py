@@ -8,9 +8,10 @@ the passes. Here a layer is one autograd function. Alone, on a 2-core Intel Xeon
 forward and backward 162 -> 65 us, 16 x 55 x 640 2.5 -> 0.6 ms. The frozen weight's (1 + w) is computed once,
 not per call. Same mathematics, sums in another order: float32 rounding.
 
-Built by cbuild.py (03 starts the build while it imports the libraries) and used only after a check against transformers' own layer, forward and
-backward; without a compiler, or where the check fails, the layers run as they are. Only for float32 tensors on
-CPU with the norm's weight frozen (LoRA trains none); other calls take the layer's own forward.
+Built by cbuild.py (03 starts the build while it imports the libraries) and used only after a check against
+transformers' own layer, forward and backward; without a compiler, or where the check fails, the layers run as
+they are. Only for float32 tensors on CPU with the norm's weight frozen (LoRA trains none); other calls take the
+layer's own forward.
 """
 
 import functools

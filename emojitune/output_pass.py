@@ -9,8 +9,8 @@ softmax of loss.cpu_frozen_output_loss); the cross-entropy and its gradient foll
 passes over its own part of the vocabulary (ctypes lets go of the GIL during the call), and the parts are
 merged. The same quantities as log_softmax + nll, summed in another order: float32 rounding.
 
-Built by cbuild.py (03 starts the build while it imports the libraries) and used only after a check against F.cross_entropy's loss and gradient;
-without a compiler, or where the check fails, loss.py keeps its two passes.
+Built by cbuild.py (03 starts the build while it imports the libraries) and used only after a check against
+F.cross_entropy's loss and gradient; without a compiler, or where the check fails, loss.py keeps its two passes.
 """
 
 import functools
