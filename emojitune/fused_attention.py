@@ -18,22 +18,13 @@ forward and backward, and routes nothing where they differ (a transformers whose
 
 import functools
 
+from .modeling import route_cpu_layers
+
 
 def install(model) -> int:
     """Route the Gemma 3 attention layers of a model on CPU through the fused function. Returns the number of
     layers routed (0 where it does not apply: another model, not CPU, a transformers that computes otherwise)."""
-    import types
-
-    attention_class = _gemma3_attention_class()
-    parameter = next(model.parameters(), None)
-    if attention_class is None or parameter is None or parameter.device.type != "cpu" or not _checked():
-        return 0
-    routed = 0
-    for module in model.modules():
-        if type(module) is attention_class:
-            module.forward = types.MethodType(_forward, module)
-            routed += 1
-    return routed
+    return route_cpu_layers(model, _gemma3_attention_class(), _forward, _checked)
 
 
 def _forward(attn, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):

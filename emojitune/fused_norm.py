@@ -18,6 +18,7 @@ import functools
 from pathlib import Path
 
 from .cbuild import build, start
+from .modeling import route_cpu_layers
 
 SOURCE = Path(__file__).with_name("rms_norm.c")
 FLAGS = ("-fopenmp-simd",)  # the sums' vector reduction (no OpenMP runtime)
@@ -26,19 +27,7 @@ FLAGS = ("-fopenmp-simd",)  # the sums' vector reduction (no OpenMP runtime)
 def install(model) -> int:
     """Route the Gemma 3 RMSNorm layers of a model on CPU through the kernel. Returns the number of layers
     routed (0 where it does not apply: another model, not CPU, no kernel). Idempotent."""
-    import types
-
-    norm_class = _gemma3_norm_class()
-    parameter = next(model.parameters(), None)
-    if norm_class is None or parameter is None or parameter.device.type != "cpu" or _kernel() is None:
-        return 0
-    routed = 0
-    for module in model.modules():
-        if type(module) is norm_class:
-            # A method bound to the layer, not a closure over it: a deep copy gets one that reads its own weight.
-            module.forward = types.MethodType(_forward, module)
-            routed += 1
-    return routed
+    return route_cpu_layers(model, _gemma3_norm_class(), _forward, lambda: _kernel() is not None)
 
 
 def _forward(norm, x):
