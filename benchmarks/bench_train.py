@@ -180,7 +180,7 @@ def training_setup(model_path, records, batch_size: int, dropout: float, gradien
     accelerator = Accelerator(cpu=lm.device == "cpu")
     examples = chained_examples(lm, records, settings, 1) if multi_turn > 1 else encode(lm, records)
     optimizer = make_optimizer([p for p in lm.model.parameters() if p.requires_grad], settings, lm.device)
-    loss_module = accelerator.prepare(answer_loss_module(lm.model))
+    loss_module = accelerator.prepare(answer_loss_module(lm.model, batch_size))
     answer_tokens = [e.answer_tokens for e in examples]
     pad = pad_id(lm.tokenizer)
 

@@ -164,14 +164,15 @@ def start_kernel_builds(batch_size: int, dropout: bool) -> None:
         dropout_masks.start_build()
 
 
-def answer_loss_module(model):
+def answer_loss_module(model, batch_size: int = 1):
     """The model as a module whose forward returns the summed answer-token loss of a batch. Training
     calls it, not the decoder directly, so that DDP sees the forward pass (its gradient sync needs it).
     On CPU its LoRA layers and Gemma 3's RMSNorms and attention run through the speed paths of fused_lora,
-    fused_norm and fused_attention (same numbers up to float rounding)."""
+    fused_norm and fused_attention (same numbers up to float rounding). `batch_size`: tweets per training
+    step, which fused_lora's choice of products depends on."""
     import torch
 
-    fused_lora.install(model)
+    fused_lora.install(model, batch_size)
     fused_norm.install(model)
     fused_attention.install(model)
 

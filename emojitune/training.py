@@ -176,7 +176,7 @@ def train(cp: CheckpointDir, settings: TrainSettings, explicit: set[str] = froze
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         # A run saved before the curve existed has no steps/evals: its curve starts where it resumes.
         epochs, steps, evals = state["metrics"], state.get("steps", []), state.get("evals", [])
-    loss_module = accelerator.prepare(answer_loss_module(lm.model))
+    loss_module = accelerator.prepare(answer_loss_module(lm.model, settings.batch_size))
 
     n_params, n_train = sum(p.numel() for p in lm.model.parameters()), sum(p.numel() for p in params)
     report_start(report, cp, settings, model_note, lm, n_params, n_train, world, train_records, val_records, done)

@@ -274,6 +274,35 @@ def test_cpu_speed_path_products_equal_torch_mm(monkeypatch, use_onednn):
         assert torch.allclose(matmul.mm_t(x.T.contiguous().T, w), expected, atol=1e-4)  # transposed input
 
 
+def test_mkl_packed_weights_give_torch_mm_products():
+    """MKL's packed copies of frozen weights (matmul.PackedWeight, the fused LoRA layers' products on Intel CPUs)
+    give x @ w.T and g @ w, plus an addition, for rows from 1 to a large batch's and inputs of any layout; one
+    copy serves every row count. A copy that moved in memory (a deep copy) says so, to be packed again."""
+    import copy
+
+    import torch
+
+    from emojitune import matmul
+
+    if matmul._mkl() is None:
+        pytest.skip("this PyTorch does not export MKL's packing functions (Linux x86-64 wheels do)")
+    assert matmul.mkl_packing()  # exported: then they must pass the check
+    torch.manual_seed(0)
+    w = torch.randn(40, 96)
+    forward, backward = matmul.PackedWeight(w, transposed=True), matmul.PackedWeight(w, transposed=False)
+    for rows in (1, 3, 55, 300, 900):
+        x, g = torch.randn(rows, 96), torch.randn(rows, 40)
+        add, grad_add = torch.randn(rows, 40), torch.randn(rows, 96)
+        assert torch.allclose(forward.mm(x), x @ w.T, atol=1e-4)
+        assert torch.allclose(forward.mm(x.T.contiguous().T), x @ w.T, atol=1e-4)  # column-major rows
+        wide = torch.randn(rows, 200)
+        assert torch.allclose(forward.mm(wide[:, 50:146]), wide[:, 50:146] @ w.T, atol=1e-4)  # rows in a wider one
+        assert torch.allclose(forward.mm(x, add.clone()), x @ w.T + add, atol=1e-4)
+        assert torch.allclose(backward.mm(g), g @ w, atol=1e-4)
+        assert torch.allclose(backward.mm(g, grad_add.clone()), g @ w + grad_add, atol=1e-4)
+    assert forward.valid() and not copy.deepcopy(forward).valid()
+
+
 @pytest.mark.parametrize("intel", [True, False])
 def test_on_intel_cpus_only_a_streamed_weight_goes_through_onednn(monkeypatch, intel):
     """Where oneDNN is used (x86-64), an Intel CPU sends it only products whose weight is larger than the

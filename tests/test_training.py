@@ -299,32 +299,43 @@ def test_dropout_masks_are_the_masks_torch_draws(mask_drawer, keep):
     assert 0 < float(torch_mask.mean()) < 1 and torch.initial_seed() == 3
 
 
-@pytest.mark.parametrize("transposed_backward", [True, False], ids=["transposed-copies", "weights-as-they-are"])
+@pytest.mark.parametrize("products", ["transposed-copies", "weights-as-they-are", "mkl-packed"])
 def test_fused_lora_layers_give_peft_numbers_with_the_same_dropout_masks(tiny_model, mask_drawer, monkeypatch,
-                                                                         transposed_backward):
+                                                                         products):
     """fused_lora's CPU path draws the dropout masks PEFT's layers draw (same seed, same order) and gives
     their loss and gradients to float rounding; the random state after a step is the same too. With the
     C kernel's masks and with torch's; with the input gradient read from transposed copies of the weights
-    (small batches) and from the weights themselves (large ones)."""
+    (small batches on AMD CPUs), from the weights themselves (large ones), and with every frozen product
+    from MKL's packed copies of the weights (Intel CPUs)."""
     import torch
 
-    from emojitune import dropout_masks, fused_lora
+    from emojitune import dropout_masks, fused_lora, matmul
     from emojitune.chat import collate, encode, pad_id
     from emojitune.data import Record
 
     assert dropout_masks.uses_kernel() == (mask_drawer == "kernel" and kernel_expected())
-    if not transposed_backward:
+    if products == "mkl-packed":
+        if matmul._mkl() is None:
+            pytest.skip("this PyTorch does not export MKL's packing functions (Linux x86-64 wheels do)")
+        assert matmul.mkl_packing()  # exported: then they must pass the check
+    # packing is chosen on Intel CPUs by the batch size: batch 1 packs, batch 8 does not (checked below)
+    monkeypatch.setattr(fused_lora, "intel_cpu", lambda: True)
+    if products == "weights-as-they-are":
         monkeypatch.setattr(fused_lora, "TRANSPOSED_BACKWARD_ROWS", 0)
     records = [Record(SYSTEM, "今日は最高の一日", "😀"), Record(None, "泣いた", "☹️"), Record(SYSTEM, "怖い", "😨")]
     results = []
     for fused in (False, True):
         lm = tiny_lora(tiny_model, dropout=0.3, training=True)
-        routed = fused_lora.install(lm.model) if fused else 0
+        batch_size = 1 if products == "mkl-packed" else 2 * fused_lora.PACKED_BATCH_SIZE
+        routed = fused_lora.install(lm.model, batch_size) if fused else 0
         ids, mask, labels = collate(encode(lm, records), pad_id(lm.tokenizer), "cpu")
         params = [p for p in lm.model.parameters() if p.requires_grad]
         torch.manual_seed(1)
         loss = lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
         results.append((routed, loss.item(), torch.autograd.grad(loss, params), torch.rand(3)))
+        if fused:
+            groups = {m._fused_group for m in lm.model.modules() if getattr(m, "_fused_group", None)}
+            assert all((g.packed is not None) == (products == "mkl-packed") for g in groups)
     (_, plain_loss, plain_grad, plain_rng), (routed, fused_loss, fused_grad, fused_rng) = results
     layers = 2 * 7  # the tiny model's decoder layers x (q, k, v, o, gate, up, down)
     assert routed == layers
