@@ -45,6 +45,10 @@ TRANSPOSED_BACKWARD_ROWS = 256
 # whole `--batch-size 16` 03 over 48 tweets (3 steps) took 1.3 s longer with them, so larger batches go without.
 # Only on Intel CPUs, where MKL computes these products (on AMD CPUs oneDNN does; packing was not measured there).
 PACKED_BATCH_SIZE = 4
+# Products of more rows than this take torch.mm even then (evaluation passes: 16 tweets a batch): in a batch-16
+# step the copies were faster up to ~900 rows (848: the 4096-wide product 15.5 vs 16.4 ms) but not at 1,104
+# (24.6 vs 18.5 ms).
+PACKED_MAX_ROWS = 512
 
 
 def install(model, batch_size: int = 1) -> int:
@@ -133,7 +137,8 @@ class _Group:
         return self.packed[1:]
 
     def uses_packed(self, x) -> bool:
-        return self.pack and x.dtype == self.weight.dtype == self.float32 and intel_cpu() and mkl_packing()
+        return (self.pack and x.shape[0] <= PACKED_MAX_ROWS and x.dtype == self.weight.dtype == self.float32
+                and intel_cpu() and mkl_packing())
 
     def usable(self) -> bool:
         layer = self.layers[0]
