@@ -202,7 +202,7 @@ def mkl_packing() -> bool:
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(96, 80, generator=generator)
     for transposed in (True, False):
-        packed = PackedWeight(w, transposed, rows=64)
+        packed = PackedWeight(w, transposed)
         weight = w.T if transposed else w
         for rows in (1, 7, 64, 300):
             x = torch.randn(rows, weight.shape[0], generator=generator)
