@@ -38,12 +38,13 @@ TRANSPOSED_BACKWARD_ROWS = 256
 
 # Training in batches of up to this many tweets, the frozen weights' products read MKL's packed copies of them
 # (matmul.PackedWeight), made at the first product: the group's one product forward (x @ W.T) and each layer's
-# input gradient (g @ W_i). Whole steps on the 2-core Intel Xeon (family 6 model 207), with and without in turn on
-# the same batches: batch 1 1.097 and 1.101 (median ratio, 40 batches; the backward's copies 1.042 of it), batch
-# 4 1.090 (16), batch 8 1.050 (12), batch 16 1.029 (8). The copies take the decoder's weights twice more in memory
-# (0.8 GB for Gemma-3-270M), new memory that on that machine's VM cost ~2 s of page faults in a whole process: a
-# whole `--batch-size 16` 03 over 48 tweets (3 steps) took 1.3 s longer with them, so larger batches go without.
-# Only on Intel CPUs, where MKL computes these products (on AMD CPUs oneDNN does; packing was not measured there).
+# input gradient (g @ W_i). Whole steps on the 2-core Intel Xeon (family 6 model 207), with and without in turn
+# on the same batches: batch 1 1.097 and 1.101 (median ratio, 40 batches; the backward's copies 1.042 of it),
+# batch 4 1.090 (16), batch 8 1.050 (12), batch 16 1.029 (8), `--multi-turn 4` 1.088 (24). The copies take the
+# decoder's weights twice more in memory (0.8 GB for Gemma-3-270M), new memory that on that machine's VM cost
+# ~2 s of page faults in a whole process: a whole `--batch-size 16` 03 over 48 tweets (3 steps) took 1.3 s
+# longer with them, so larger batches go without. Only on Intel CPUs, where MKL computes these products (on AMD
+# CPUs oneDNN does; packing was not measured there).
 PACKED_BATCH_SIZE = 4
 # Products of more rows than this take torch.mm even then (evaluation passes: 16 tweets a batch): in a batch-16
 # step the copies were faster up to ~900 rows (848: the 4096-wide product 15.5 vs 16.4 ms) but not at 1,104
