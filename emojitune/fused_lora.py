@@ -112,7 +112,6 @@ class _Group:
         self.weight = weight
         self.pending = None  # (input, outputs, next index) between the group's calls
         self.transposed = None  # (weight version, each layer's weight transposed), made when first needed
-        self.float32 = torch.float32
         self.pack = False  # whether the frozen products read packed copies (install() decides)
         self.packed = None  # (weight version, the group's weight packed for x @ W.T, each layer's for g @ W_i)
 
@@ -138,7 +137,9 @@ class _Group:
         return self.packed[1:]
 
     def uses_packed(self, x) -> bool:
-        return (self.pack and x.shape[0] <= PACKED_MAX_ROWS and x.dtype == self.weight.dtype == self.float32
+        import torch
+
+        return (self.pack and x.shape[0] <= PACKED_MAX_ROWS and x.dtype == self.weight.dtype == torch.float32
                 and intel_cpu() and mkl_packing())
 
     def usable(self) -> bool:
